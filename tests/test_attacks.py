@@ -1,0 +1,85 @@
+"""The attack contract suite (every attack must pass it) and the strength ordering on a trained model."""
+
+import pytest
+import torch
+
+from pipeline.attacks import build_attack
+from pipeline.evaluate import final_metrics
+from pipeline.prompts import FixedTextClassifier
+
+ATTACKS = {
+    "pgd-ce": dict(name="pgd", steps=5, loss="ce"),
+    "pgd-kl": dict(name="pgd", steps=5, loss="kl"),
+    "pgd-margin": dict(name="pgd", steps=5, loss="margin"),
+    "cw": dict(name="cw", steps=5),
+    "autoattack": dict(name="autoattack"),
+}
+
+
+def _setup(trained_classifier, n=4):
+    model, x, y = trained_classifier
+    with torch.no_grad():
+        clf = FixedTextClassifier(model, model.text_features())
+    return model, clf, x[:n], y[:n]
+
+
+def _attack(spec, model, eps, n_classes=4):
+    spec = dict(spec)
+    return build_attack(spec.pop("name"), eps=eps, n_classes=n_classes, module=model, **spec)
+
+
+@pytest.mark.parametrize("which", sorted(ATTACKS))
+def test_contract(which, trained_classifier):
+    model, clf, x, y = _setup(trained_classifier)
+    eps = 32 / 255
+    model.train()  # the attack must restore whatever mode it found
+    torch.manual_seed(0)
+    adv = _attack(ATTACKS[which], model, eps)(clf, x, y)
+    assert model.training and all(m.training for m in model.modules())
+    assert adv.shape == x.shape
+    assert (adv - x).abs().max() <= eps + 1e-6, "outside the eps-ball"
+    assert adv.min() >= 0 and adv.max() <= 1, "outside [0, 1]"
+    params = list(model.parameters())
+    assert all(p.grad is None for p in params), "an attack leaked gradients into parameters"
+    model.eval()
+    torch.manual_seed(0)
+    again = _attack(ATTACKS[which], model, eps)(clf, x, y)
+    model.train()
+    torch.manual_seed(0)
+    third = _attack(ATTACKS[which], model, eps)(clf, x, y)
+    assert torch.equal(adv, third), "not deterministic under a fixed seed"
+    assert again.shape == x.shape
+    model.eval()
+
+
+@pytest.mark.parametrize("which", sorted(ATTACKS))
+def test_eps_zero_is_identity(which, trained_classifier):
+    model, clf, x, y = _setup(trained_classifier)
+    assert torch.equal(_attack(ATTACKS[which], model, 0.0)(clf, x, y), x)
+
+
+@pytest.mark.parametrize("which", ["pgd-ce", "cw"])
+def test_attack_actually_attacks(which, trained_classifier):
+    model, clf, x, y = _setup(trained_classifier, n=16)
+    adv = _attack(ATTACKS[which], model, 32 / 255)(clf, x, y)
+    with torch.no_grad():
+        clean_loss = torch.nn.functional.cross_entropy(clf(x), y)
+        adv_loss = torch.nn.functional.cross_entropy(clf(adv), y)
+    assert adv_loss > clean_loss
+
+
+def test_rejects_inputs_outside_unit_range(trained_classifier):
+    model, clf, x, y = _setup(trained_classifier)
+    with pytest.raises(ValueError, match=r"\[0, 1\]"):
+        _attack(ATTACKS["pgd-ce"], model, 1 / 255)(clf, x * 255, y)
+
+
+def test_strength_ordering_on_trained_model(trained_classifier):
+    """AutoAttack <= PGD-100 <= PGD-10 <= clean on the same model and eps."""
+    model, x, y = trained_classifier
+    torch.manual_seed(0)
+    m = final_metrics(model, x[::2], y[::2], attacks=["pgd10", "pgd100", "autoattack"], eps_list=[16.0],
+                      primary_eps=16.0)
+    assert m["clean_acc"] >= 0.9, m  # a model worth attacking
+    assert m["autoattack_acc"] <= m["pgd100_acc"] <= m["pgd10_acc"] <= m["clean_acc"], m
+    assert m["autoattack_acc"] < m["clean_acc"], m  # the eps is large enough to matter
