@@ -110,3 +110,13 @@ def _from_pretrained(cfg: ModelConfig) -> nn.Module:
 def _first_line(exc: BaseException) -> str:
     text = str(exc).strip() or type(exc).__name__
     return text.splitlines()[0]
+
+
+def image_size_of(model_name: str) -> int:
+    """The input resolution of an open_clip architecture, without building it."""
+    register_model_configs()
+    cfg = open_clip.get_model_config(model_name)
+    if cfg is None:
+        raise ConfigError(f"model.name: unknown open_clip architecture {model_name!r}")
+    size = cfg["vision_cfg"]["image_size"]
+    return int(size[0] if isinstance(size, list | tuple) else size)

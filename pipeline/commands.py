@@ -1,0 +1,154 @@
+"""The ``capt`` subcommands for data, the demo model, training and evaluation.
+
+Each command resolves its inputs up front (a bad input ends with one line naming the culprit,
+before anything is written), does its work with progress on stderr, and writes
+``OUT/summary.json``; its last stdout line says where.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+from .config import ConfigError, load_config
+from .runs import write_summary
+
+log = logging.getLogger(__name__)
+
+
+def cmd_shards(args: argparse.Namespace) -> int:
+    from . import shards
+
+    if bool(args.from_folder) == bool(args.demo):
+        raise ConfigError("capt shards: give exactly one of --from-folder DIR or --demo digits")
+    t0 = time.perf_counter()
+    if args.demo:
+        meta = shards.shards_from_digits(args.out, test_fraction=args.test_fraction or 0.3, seed=args.seed,
+                                         shard_size=args.shard_size or 500, overwrite=args.overwrite)
+    else:
+        meta = shards.shards_from_folder(args.from_folder, args.out, test_fraction=args.test_fraction or 0.2,
+                                         seed=args.seed, shard_size=args.shard_size or 1000,
+                                         image_format=args.image_format, overwrite=args.overwrite)
+    counts = {f"{k}_samples": v["count"] for k, v in meta["splits"].items()}
+    print(f"wrote {sum(counts.values())} samples, {len(meta['classes'])} classes -> {Path(args.out) / 'meta.json'}"
+          f" ({time.perf_counter() - t0:.1f}s)")
+    return 0
+
+
+def cmd_tiny_clip(args: argparse.Namespace) -> int:
+    from .tinyclip import TinyClipConfig, tiny_clip_from_shards
+
+    cfg = TinyClipConfig(model=args.model, steps=args.steps, batch_size=args.batch_size, seed=args.seed)
+    result = tiny_clip_from_shards(args.data, args.out, cfg)
+    print(f"tiny CLIP {cfg.model}: zero-shot test accuracy {result['zero_shot_acc']:.3f} -> {args.out}")
+    print(f"use it with: --set model.name={cfg.model} --set model.checkpoint={Path(args.out).resolve()}")
+    return 0
+
+
+def _progress(metrics: dict[str, Any], _ckpt: Any) -> None:
+    print(f"epoch {metrics['epoch']}: loss {metrics['loss']:.4f} clean {metrics['clean_acc']:.3f} "
+          f"robust {metrics['robust_acc']:.3f} ({metrics['epoch_time_s']:.1f}s)", flush=True)
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from .clip import image_size_of
+    from .demo import resolve_demo
+    from .protocol import final_evaluation
+    from .task import load_task
+    from .train import resolve_device, train
+
+    cfg = resolve_demo(load_config(args.config, args.set))
+    out = Path(args.out)
+    device = resolve_device(cfg.run.device)
+    size = image_size_of(cfg.model.name)
+    task = load_task(cfg.data, size)
+    t0 = time.perf_counter()
+    result = train(cfg, task, out_dir=out, report=_progress, device=device)
+    train_s = time.perf_counter() - t0
+    print("final evaluation:", ", ".join(cfg.eval.final_attacks) or "clean only", flush=True)
+    metrics = final_evaluation(cfg, result.model, task, device, image_size=size)
+    metrics["train_seconds"] = train_s
+    path = write_summary(out, command="train", config=cfg.to_dict(), metrics=metrics,
+                         history=result.history, data=task.stats)
+    _print_metrics(metrics)
+    print(f"summary: {path}")
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from .evaluate import label_space
+    from .protocol import cross_dataset, eval_settings
+    from .runs import load_run
+    from .task import load_task
+    from .train import resolve_device
+
+    device = resolve_device(args.device)
+    cfg, model = load_run(args.run, device)
+    over = {"eval.final_attacks": args.attack} if args.attack else {}
+    if args.eps:
+        over["eval.final_eps"] = args.eps
+    over.update({"data.path": str(args.data), "data.test_limit": args.limit, "data.shots": 1})
+    cfg = cfg.replace(**over)
+    kw = eval_settings(cfg, device)
+    metrics: dict[str, float] = {}
+    if args.base_to_new:
+        metrics.update(_base_to_new(cfg, model, kw))
+    else:
+        task = load_task(cfg.data.__class__(**{**cfg.data.__dict__, "classes": "all"}), model.image_size)
+        with label_space(model, task.classnames, task.templates):
+            metrics.update(_final(model, task, kw))
+    for path in args.cross or []:
+        metrics.update(cross_dataset(cfg, model, path, model.image_size, **kw))
+    out_path = write_summary(args.out, command="eval", config=cfg.to_dict(), metrics=metrics,
+                             run=str(Path(args.run).resolve()))
+    _print_metrics(metrics)
+    print(f"summary: {out_path}")
+    return 0
+
+
+def _final(model, task, kw: dict[str, Any], prefix: str = "") -> dict[str, float]:
+    from .evaluate import final_metrics
+
+    m = final_metrics(model, task.test_x, task.test_y, prefix=prefix, **kw)
+    if kw["attacks"]:
+        m[f"{prefix}robust_acc"] = m[f"{prefix}{kw['attacks'][0]}_acc"]
+    return m
+
+
+def _base_to_new(cfg, model, kw: dict[str, Any]) -> dict[str, float]:
+    from .evaluate import harmonic_mean, label_space
+    from .task import load_task
+
+    out: dict[str, float] = {}
+    for part in ("base", "new"):
+        task = load_task(cfg.data, model.image_size, classes=part)
+        with label_space(model, task.classnames, task.templates):
+            out.update(_final(model, task, kw, prefix=f"{part}_"))
+    for key in [k.removeprefix("base_") for k in out if k.startswith("base_")]:
+        out[f"hm_{key}"] = harmonic_mean(out[f"base_{key}"], out[f"new_{key}"])
+    return out
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    """The offline demo end to end: shards + tiny CLIP (cached), zero-shot eval, CAPT training."""
+    from .demo import ensure_demo
+
+    assets = ensure_demo()
+    print(f"demo data: {assets.shards}\ndemo CLIP: {assets.checkpoint} (zero-shot acc {assets.zero_shot_acc})")
+    out = Path(args.out)
+    for name in ("zeroshot", "capt"):
+        ns = argparse.Namespace(config=Path(__file__).resolve().parent.parent / "configs" / f"{name}.yaml",
+                                set=list(args.set), out=out / name)
+        if not ns.config.is_file():
+            raise ConfigError(f"demo config missing: {ns.config}")
+        print(f"== {name}", flush=True)
+        cmd_train(ns)
+    return 0
+
+
+def _print_metrics(metrics: dict[str, float]) -> None:
+    keys = [k for k in metrics if k.endswith("_acc")]
+    print("  ".join(f"{k} {metrics[k]:.3f}" for k in keys if metrics[k] is not None))

@@ -1,0 +1,75 @@
+"""The offline demo assets: digits shards and a tiny CLIP trained on them, made once and cached.
+
+Cache folder: ``$CAPT_CACHE`` or ``~/.cache/capt``. A file lock keeps concurrent callers (parallel
+tests, several drivers) from building the same assets twice; files appear atomically.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import logging
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+DEMO_MODEL = "capt-small"
+
+
+@dataclass(frozen=True)
+class DemoAssets:
+    shards: Path  # digits shards folder (meta.json + tars)
+    checkpoint: Path  # tiny CLIP state dict
+    model_name: str
+    zero_shot_acc: float | None
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("CAPT_CACHE", Path.home() / ".cache" / "capt")).expanduser()
+
+
+@contextmanager
+def _lock(path: Path) -> Iterator[None]:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def ensure_demo(root: str | Path | None = None, *, progress: bool = True) -> DemoAssets:
+    """Digits shards + tiny CLIP under ``root`` (default :func:`cache_dir`), built on first use."""
+    from .shards import shards_from_digits
+    from .tinyclip import TinyClipConfig, tiny_clip_from_shards
+
+    base = Path(root) if root is not None else cache_dir()
+    shards, ckpt, info = base / "digits", base / f"tiny-clip-{DEMO_MODEL}.pt", base / "tiny-clip.json"
+    with _lock(base / ".demo.lock"):
+        if not (shards / "meta.json").is_file():
+            log.info("making digits demo shards in %s", shards)
+            shards_from_digits(shards, overwrite=shards.exists(), progress=progress)
+        if not ckpt.is_file():
+            log.info("training the demo tiny CLIP (%s) on %s: a few minutes on 2 CPUs, once", DEMO_MODEL, shards)
+            result = tiny_clip_from_shards(shards, ckpt, TinyClipConfig(model=DEMO_MODEL), progress=progress)
+            info.write_text(json.dumps(result, indent=2))
+    acc = json.loads(info.read_text()).get("zero_shot_acc") if info.is_file() else None
+    return DemoAssets(shards=shards, checkpoint=ckpt, model_name=DEMO_MODEL, zero_shot_acc=acc)
+
+
+def resolve_demo(cfg):
+    """``data.path: demo`` -> the cached digits shards, and the demo tiny CLIP when no weights are set.
+
+    Any other data path is returned unchanged; the demo is only ever used when asked for by name.
+    """
+    if cfg.data.path != "demo":
+        return cfg
+    assets = ensure_demo()
+    over = {"data.path": str(assets.shards)}
+    if cfg.model.name == assets.model_name and cfg.model.checkpoint is None and not cfg.model.pretrained:
+        over["model.checkpoint"] = str(assets.checkpoint)
+    return cfg.replace(**over)
