@@ -61,15 +61,48 @@ def ensure_demo(root: str | Path | None = None, *, progress: bool = True) -> Dem
     return DemoAssets(shards=shards, checkpoint=ckpt, model_name=DEMO_MODEL, zero_shot_acc=acc)
 
 
+def ensure_shifted(root: str | Path | None = None, *, progress: bool = False) -> Path:
+    """A distribution-shifted copy of the digits test data (colours inverted: white background).
+
+    The offline stand-in for "another dataset" in the miniature cross-dataset protocol: same class
+    names, different image statistics. Only its test split is used for evaluation.
+    """
+    from PIL import ImageOps
+
+    from .shards import DIGIT_NAMES, DIGIT_TEMPLATES, _stratified, digits_images, write_dataset
+
+    base = Path(root) if root is not None else cache_dir()
+    out = base / "digits-inverted"
+    with _lock(base / ".demo.lock"):
+        if not (out / "meta.json").is_file():
+            images, labels = digits_images(32)
+            parts = _stratified(labels.tolist(), 0.3, 0)
+            splits = {split: ((ImageOps.invert(images[i].convert("RGB")), int(labels[i]), None) for i in members)
+                      for split, members in parts.items()}
+            write_dataset(out, name="digits-inverted", classes=list(DIGIT_NAMES), splits=splits,
+                          templates=list(DIGIT_TEMPLATES), source="sklearn.datasets.load_digits, inverted",
+                          overwrite=out.exists(), progress=progress,
+                          totals={split: len(m) for split, m in parts.items()})
+    return out
+
+
+DEMO_DATASETS = {"demo": lambda: ensure_demo().shards, "demo:digits": lambda: ensure_demo().shards,
+                 "demo:digits-inverted": ensure_shifted}
+
+
 def resolve_demo(cfg):
     """``data.path: demo`` -> the cached digits shards, and the demo tiny CLIP when no weights are set.
 
-    Any other data path is returned unchanged; the demo is only ever used when asked for by name.
+    ``demo:digits-inverted`` in ``data.cross_datasets`` -> the shifted demo set. Any other path is
+    returned unchanged; the demo is only ever used when asked for by name.
     """
-    if cfg.data.path != "demo":
-        return cfg
-    assets = ensure_demo()
-    over = {"data.path": str(assets.shards)}
-    if cfg.model.name == assets.model_name and cfg.model.checkpoint is None and not cfg.model.pretrained:
-        over["model.checkpoint"] = str(assets.checkpoint)
-    return cfg.replace(**over)
+    over: dict = {}
+    if any(p in DEMO_DATASETS for p in cfg.data.cross_datasets):
+        over["data.cross_datasets"] = [str(DEMO_DATASETS[p]()) if p in DEMO_DATASETS else p
+                                       for p in cfg.data.cross_datasets]
+    if cfg.data.path in DEMO_DATASETS:
+        assets = ensure_demo()
+        over["data.path"] = str(DEMO_DATASETS[cfg.data.path]())
+        if cfg.model.name == assets.model_name and cfg.model.checkpoint is None and not cfg.model.pretrained:
+            over["model.checkpoint"] = str(assets.checkpoint)
+    return cfg.replace(**over) if over else cfg

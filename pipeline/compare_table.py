@@ -1,0 +1,128 @@
+"""The results table of ``capt compare``: mean +- std over seeds, as markdown and CSV.
+
+Pure functions over a list of cell records ``{"method", "protocol", "seed", "metrics", "run_id"}``;
+no ray, no mlflow. Accuracies are shown in percent.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import math
+from collections.abc import Sequence
+from typing import Any
+
+# (protocol, metric key in the cell's metrics, column title); percent unless noted
+COLUMNS: list[tuple[str, str, str]] = [
+    ("few_shot", "clean_acc", "clean"),
+    ("few_shot", "pgd100_acc", "PGD-100"),
+    ("few_shot", "autoattack_acc", "AutoAttack"),
+    ("base_to_new", "base_clean_acc", "base clean"),
+    ("base_to_new", "base_pgd100_acc", "base PGD-100"),
+    ("base_to_new", "new_clean_acc", "new clean"),
+    ("base_to_new", "new_pgd100_acc", "new PGD-100"),
+    ("base_to_new", "hm_clean_acc", "HM clean"),
+    ("base_to_new", "hm_pgd100_acc", "HM PGD-100"),
+    ("few_shot", "xd_clean_acc", "cross clean"),
+    ("few_shot", "xd_pgd100_acc", "cross PGD-100"),
+    ("few_shot", "train_seconds", "train s"),
+]
+
+
+def cross_average(metrics: dict[str, float]) -> dict[str, float]:
+    """Add ``xd_clean_acc`` / ``xd_<attack>_acc``: the mean over every cross dataset's figure."""
+    out = dict(metrics)
+    groups: dict[str, list[float]] = {}
+    for key, value in metrics.items():
+        if key.startswith("xd_") and value is not None:
+            parts = key.split("_")
+            # xd_<name>_<metric>_acc: the metric is the last two fields, e.g. pgd100_acc / clean_acc
+            groups.setdefault("xd_" + "_".join(parts[-2:]), []).append(float(value))
+    for key, values in groups.items():
+        if key not in metrics:
+            out[key] = sum(values) / len(values)
+    return out
+
+
+def mean_std(values: Sequence[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation (0 for a single value)."""
+    vals = [v for v in values if v is not None and math.isfinite(v)]
+    if not vals:
+        return float("nan"), float("nan")
+    m = sum(vals) / len(vals)
+    if len(vals) < 2:
+        return m, 0.0
+    return m, math.sqrt(sum((v - m) ** 2 for v in vals) / (len(vals) - 1))
+
+
+def aggregate(cells: Sequence[dict[str, Any]], methods: Sequence[str]) -> list[dict[str, Any]]:
+    """One row per method: for each column, (mean, std, n) over seeds; plus the cells' run ids."""
+    rows = []
+    for method in methods:
+        row: dict[str, Any] = {"method": method, "runs": {}}
+        for protocol, key, title in COLUMNS:
+            vals = [cross_average(c["metrics"]).get(key) for c in cells
+                    if c["method"] == method and c["protocol"] == protocol]
+            vals = [v for v in vals if v is not None]
+            row[title] = (*mean_std(vals), len(vals))
+        for c in cells:
+            if c["method"] == method:
+                row["runs"].setdefault(c["protocol"], []).append(c.get("run_id"))
+        rows.append(row)
+    return rows
+
+
+def _fmt(cell: tuple[float, float, int], title: str) -> str:
+    m, s, n = cell
+    if n == 0 or not math.isfinite(m):
+        return "-"
+    if title == "train s":
+        return f"{m:.0f} ± {s:.0f}"
+    return f"{100 * m:.1f} ± {100 * s:.1f}"
+
+
+def to_markdown(rows: Sequence[dict[str, Any]], *, run_link: str | None = None) -> str:
+    """A markdown table; ``run_link`` (e.g. ``http://mlflow:5000/#/experiments/1/runs/{run_id}``) links runs."""
+    titles = [t for _, _, t in COLUMNS if any(r[t][2] for r in rows)]
+    lines = ["| method | " + " | ".join(titles) + " | runs |", "|---" * (len(titles) + 2) + "|"]
+    for r in rows:
+        links = []
+        for protocol, ids in r["runs"].items():
+            for i, run_id in enumerate(ids):
+                if run_id:
+                    target = run_link.format(run_id=run_id) if run_link else run_id[:8]
+                    links.append(f"[{protocol}#{i}]({target})" if run_link else f"{protocol}#{i}:{target}")
+        lines.append(f"| {r['method']} | " + " | ".join(_fmt(r[t], t) for t in titles) + " | "
+                     + " ".join(links) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def to_csv(rows: Sequence[dict[str, Any]]) -> str:
+    """CSV with mean, std and n columns per metric, and the run ids."""
+    buf = io.StringIO()
+    w = csv.writer(buf)
+    titles = [t for _, _, t in COLUMNS]
+    w.writerow(["method"] + [f"{t} {s}" for t in titles for s in ("mean", "std", "n")] + ["run_ids"])
+    for r in rows:
+        vals = []
+        for t in titles:
+            m, s, n = r[t]
+            vals += ["" if not math.isfinite(m) else f"{m:.6g}", "" if not math.isfinite(s) else f"{s:.6g}", n]
+        ids = ";".join(f"{p}:{i}" for p, lst in r["runs"].items() for i in lst if i)
+        w.writerow([r["method"], *vals, ids])
+    return buf.getvalue()
+
+
+def honesty_problems(cells: Sequence[dict[str, Any]]) -> list[str]:
+    """Cells breaking the honesty rules: robust > clean, AutoAttack > PGD-100 (same model, same eps)."""
+    problems = []
+    for c in cells:
+        m = c["metrics"]
+        for prefix in ("", "base_", "new_"):
+            clean, pgd, aa = (m.get(f"{prefix}{k}") for k in ("clean_acc", "pgd100_acc", "autoattack_acc"))
+            tag = f"{c['method']}/{c['protocol']}/seed{c['seed']}"
+            if clean is not None and pgd is not None and pgd > clean + 1e-9:
+                problems.append(f"{tag}: {prefix}PGD-100 {pgd:.3f} > clean {clean:.3f}")
+            if pgd is not None and aa is not None and aa > pgd + 1e-9:
+                problems.append(f"{tag}: {prefix}AutoAttack {aa:.3f} > PGD-100 {pgd:.3f}")
+    return problems
