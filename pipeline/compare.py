@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import copy
 import logging
-import os
 import time
 from pathlib import Path
 from typing import Any
@@ -75,12 +74,13 @@ def _merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
 
 def cell_main(config: dict[str, Any]) -> None:
     """One Tune trial: train and evaluate a cell (or run TAPT on a trained cell), log to MLflow."""
+    import torch
     from ray import tune
 
     from pipeline.train import resolve_device
 
     cell, ctx = config["cell"], config["ctx"]
-    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, int(ctx["cpus"]))))
+    torch.set_num_threads(max(1, int(ctx["cpus"])))  # a trial's share; more threads only contend
     run = tracking.TrialRun(ctx["uri"], ctx["experiment_id"], ctx["parent_id"], cell["key"],
                             run_name=cell["key"], tags={"method": cell["method"], "protocol": cell["protocol"],
                                                          "seed": str(cell["seed"])})

@@ -53,13 +53,22 @@ def build_model(cfg: Config, classnames: list[str], templates: list[str], device
 
 @dataclass
 class Step:
-    """Lazily computed, cached quantities of one training step."""
+    """Lazily computed, cached quantities of one training step.
+
+    Each pass runs at most once per step: the text tower (once, with gradient), the attack, the
+    tuned image tower and the frozen one. ``fuse``: an objective that needs the tuned model on both
+    the clean and the adversarial images (CAPT, FAP) gets both from ONE image-tower pass on
+    ``cat([x, x_adv])`` (:meth:`pair_logits`), which on a GPU means half the kernel launches and
+    fuller kernels; ``fuse=False`` runs two passes (same values up to float rounding, see
+    tests/test_fastpath.py; ``benchmarks/bench_step.py`` times both).
+    """
 
     model: PromptedCLIP
     cfg: Config
     x: torch.Tensor
     y: torch.Tensor
     attack: Any
+    fuse: bool = True
     text: torch.Tensor = field(init=False)  # tuned class text features, once per step
     _cache: dict[str, torch.Tensor] = field(default_factory=dict, init=False)
 
@@ -81,6 +90,13 @@ class Step:
         src = self.x if which == "clean" else self.x_adv()
         return self._get(f"feat_{which}", lambda: self.model.image_features(src))
 
+    def pair_features(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Tuned image features of (clean, adversarial) images; one pass on both when fusing."""
+        if self.fuse and "feat_clean" not in self._cache and "feat_adv" not in self._cache:
+            both = self.model.image_features(torch.cat([self.x, self.x_adv()]))
+            self._cache["feat_clean"], self._cache["feat_adv"] = both.split(len(self.x))
+        return self.features("clean"), self.features("adv")
+
     def logits(self, which: str) -> torch.Tensor:
         def run() -> torch.Tensor:
             out = self.model.clip.logit_scale.exp() * self.features(which) @ self.text.t()
@@ -88,23 +104,46 @@ class Step:
             return out + bias if bias is not None else out
         return self._get(f"logits_{which}", run)
 
+    def pair_logits(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Tuned logits of (clean, adversarial) images, from :meth:`pair_features`."""
+        self.pair_features()
+        return self.logits("clean"), self.logits("adv")
+
     def frozen_logits(self, which: str) -> torch.Tensor:
-        src = self.x if which == "clean" else self.x_adv()
-        with torch.no_grad():
-            return self._get(f"frozen_{which}", lambda: self.model.frozen_logits(src))
+        """The frozen CLIP's logits, without gradient and in eval mode (a frozen guide has no
+        train-mode behaviour; eval also lets torch use its fused inference attention)."""
+        def run() -> torch.Tensor:
+            src = self.x if which == "clean" else self.x_adv()
+            clip, was_training = self.model.clip, self.model.clip.training
+            clip.eval()
+            try:
+                with torch.no_grad():
+                    return self.model.frozen_logits(src)
+            finally:
+                clip.train(was_training)
+        return self._get(f"frozen_{which}", run)
+
+
+def _capt(s: Step) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    clean, adv = s.pair_logits()
+    frozen = s.frozen_logits(s.cfg.loss.frozen_input)
+    return losses.capt_loss(logits_adv=adv, logits_clean=clean, frozen_logits=frozen, labels=s.y,
+                            lam=s.cfg.loss.lam, alpha_rule=s.cfg.loss.alpha_rule, alpha=s.cfg.loss.alpha)
+
+
+def _fap(s: Step) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    clean, adv = s.pair_logits()
+    feat_clean, feat_adv = s.pair_features()
+    return losses.fap_loss(logits_clean=clean, logits_adv=adv, feat_clean=feat_clean, feat_adv=feat_adv,
+                           labels=s.y, weight=s.cfg.loss.fap_weight)
 
 
 Objective = Callable[[Step], tuple[torch.Tensor, dict[str, torch.Tensor]]]
 OBJECTIVES: dict[str, Objective] = {
     "ce_clean": lambda s: (losses.cross_entropy(logits=s.logits("clean"), labels=s.y), {}),
     "ce_adv": lambda s: (losses.cross_entropy(logits=s.logits("adv"), labels=s.y), {}),
-    "capt": lambda s: losses.capt_loss(
-        logits_adv=s.logits("adv"), logits_clean=s.logits("clean"),
-        frozen_logits=s.frozen_logits(s.cfg.loss.frozen_input), labels=s.y, lam=s.cfg.loss.lam,
-        alpha_rule=s.cfg.loss.alpha_rule, alpha=s.cfg.loss.alpha),
-    "fap": lambda s: losses.fap_loss(
-        logits_clean=s.logits("clean"), logits_adv=s.logits("adv"), feat_clean=s.features("clean"),
-        feat_adv=s.features("adv"), labels=s.y, weight=s.cfg.loss.fap_weight),
+    "capt": _capt,
+    "fap": _fap,
 }
 
 
@@ -180,25 +219,33 @@ def train(cfg: Config, task: TaskData, *, report: Report | None = None, out_dir:
 
 def train_epoch(model: PromptedCLIP, cfg: Config, task: TaskData, attack, objective: Objective,
                 opt: torch.optim.Optimizer, epoch: int, device: torch.device) -> dict[str, float]:
+    """One pass over the training set; returns the sample-weighted mean loss and loss parts.
+
+    The sums stay on the device (float64: the same numbers as summing ``.item()`` values) and are
+    read once per epoch, so a GPU step never waits for the host. A non-finite loss is therefore
+    reported at the end of its epoch (before that epoch's evaluation or checkpoint), not mid-epoch.
+    """
     model.train()
-    sums: dict[str, float] = {}
+    sums: dict[str, torch.Tensor] = {}
+    finite = torch.ones((), dtype=torch.bool, device=device)
     n = 0
     for x, y in task.batches(cfg.optim.batch_size, epoch=epoch, seed=cfg.run.seed):
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
         with autocast(cfg, device):
             loss, parts = objective(Step(model, cfg, x, y, attack))
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"non-finite loss at epoch {epoch + 1} (lr {opt.param_groups[0]['lr']:.3g})")
+        finite = finite & torch.isfinite(loss.detach())
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        sums["loss"] = sums.get("loss", 0.0) + loss.item() * len(y)
-        for k, v in parts.items():
-            key = f"loss_{k}" if k != "alpha" else "alpha"
-            sums[key] = sums.get(key, 0.0) + float(v) * len(y)
+        terms = {"loss": loss, **{(f"loss_{k}" if k != "alpha" else "alpha"): v for k, v in parts.items()}}
+        for key, value in terms.items():
+            sums[key] = sums.get(key, 0) + torch.as_tensor(value, device=device).detach().double() * len(y)
         n += len(y)
     model.eval()
-    return {k: v / max(n, 1) for k, v in sums.items()}
+    if not bool(finite):  # the epoch's one host-device sync, with the line below
+        raise FloatingPointError(f"non-finite loss at epoch {epoch + 1} (lr {opt.param_groups[0]['lr']:.3g})")
+    values = torch.stack(list(sums.values())).tolist() if sums else []
+    return {k: v / max(n, 1) for k, v in zip(sums, values, strict=True)}
 
 
 def evaluate_epoch(model: PromptedCLIP, cfg: Config, task: TaskData, device: torch.device) -> dict[str, float]:

@@ -1,0 +1,172 @@
+"""The search on real components: a local Ray cluster, Optuna RDB storage (SQLite), an MLflow SQLite
+store, digits shards. One smoke search (module fixture) is checked from several sides: the trial that
+ASHA stops arrives in Optuna as PRUNED, finished ones as COMPLETE, the injected failure as FAIL (and
+FAILED in MLflow) while the search goes on; MLflow holds one child run per trial with per-epoch
+metrics; summary.json and the champion alias are written."""
+
+from __future__ import annotations
+
+import json
+import pickle
+from pathlib import Path
+
+import optuna
+import pytest
+import ray
+import torch
+from mlflow import MlflowClient
+
+from pipeline import tracking
+from pipeline.search import TUNE_ID_ATTR, CaptOptunaSearch, make_searcher, run_search
+from pipeline.search_space import load_search
+from pipeline.shards import shards_from_digits
+
+ROOT = Path(__file__).resolve().parent.parent
+SMOKE = ROOT / "search_spaces" / "smoke.yaml"
+OK, PRUNED, FAIL = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED, optuna.trial.TrialState.FAIL)
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("digits") / "digits"
+    shards_from_digits(out, progress=False)
+    return out
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def smoke(local_ray, shards, tmp_path_factory):
+    """4 trials in sequence: #1 eps 0 (robust = clean), #2 eps 64 (robust ~ 0: ASHA stops it after
+    epoch 1), #3 raises at epoch 1 on every attempt (max_failures 1: retried once), #4 sampled by TPE."""
+    out = tmp_path_factory.mktemp("smoke")
+    spec = load_search(SMOKE, [
+        f"search.out={out}", f"base.data.path={shards}", "base.data.test_limit=100",
+        "search.num_samples=4", "search.max_concurrent=1", "space.attack.eps.choices=[0.0, 64.0]",
+        "search.points_to_evaluate=[{attack.eps: 0.0, loss.alpha_rule: ratio}, {attack.eps: 64.0}]",
+        "search.inject_failure={trial_index: 3, epoch: 1}"])
+    summary = run_search(spec)
+    doc = json.loads((out / "summary.json").read_text())
+    uri = doc["mlflow"]["tracking_uri"]
+    study = optuna.load_study(study_name="smoke", storage=f"sqlite:///{out}/optuna.db")
+    runs = tracking.trial_runs(uri, doc["mlflow"]["experiment_id"], doc["mlflow"]["parent_run_id"])
+    return {"out": out, "summary": summary, "doc": doc, "uri": uri, "study": study, "runs": runs}
+
+
+def test_optuna_states_pruned_complete_failed(smoke):
+    trials = sorted(smoke["study"].trials, key=lambda t: t.number)
+    assert len(trials) == 4
+    first, second, third = trials[:3]
+    assert first.params["attack.eps"] == 0.0 and first.state == OK
+    rows = {r["trial_id"]: r for r in smoke["doc"]["trials"]}
+    assert first.values[0] == pytest.approx(rows[first.user_attrs[TUNE_ID_ATTR]]["robust_acc"])  # the final epoch's
+    assert set(first.intermediate_values) == {1}  # per-epoch values before the last one
+    assert second.params["attack.eps"] == 64.0 and second.state == PRUNED, (first.intermediate_values, second)
+    assert second.values is None  # the stopped trial's partial accuracy did not reach TPE as a result
+    assert third.state == FAIL
+    assert trials[3].state in (OK, PRUNED)
+    assert len({t.user_attrs[TUNE_ID_ATTR] for t in trials}) == 4
+
+
+def test_mlflow_one_child_per_trial_with_epoch_metrics(smoke):
+    client = MlflowClient(smoke["uri"])
+    runs = smoke["runs"]
+    assert len(runs) == 4 and len({r.data.tags["trial_id"] for r in runs}) == 4
+    by_state = {}
+    for r in runs:
+        by_state.setdefault(r.data.tags.get("trial_state"), []).append(r)
+        assert r.data.tags["method"] == "capt" and r.data.tags["model"] == "capt-tiny"
+        assert "loss.lam" in r.data.params and r.data.params["method"] == "capt"
+    done = by_state["COMPLETE"][0]
+    assert done.info.status == "FINISHED"
+    for name in ("clean_acc", "robust_acc", "loss_ce", "loss_cons_train", "loss_cons_frozen", "alpha", "lr",
+                 "epoch_time_s"):
+        assert [m.step for m in client.get_metric_history(done.info.run_id, name)] == [1, 2], name
+    assert {a.path for a in client.list_artifacts(done.info.run_id)} >= {"prompts.pt", "config.yaml"}
+    pruned = by_state["PRUNED"][0]
+    assert pruned.info.status == "KILLED"
+    assert [m.step for m in client.get_metric_history(pruned.info.run_id, "robust_acc")] == [1]
+    failed = by_state["FAIL"][0]
+    assert failed.info.status == "FAILED" and "injected failure" in failed.data.tags["error"]
+
+
+def test_parent_run_summary_plots_and_champion(smoke, tmp_path):
+    doc, uri = smoke["doc"], smoke["uri"]
+    client = MlflowClient(uri)
+    parent = client.get_run(doc["mlflow"]["parent_run_id"])
+    assert parent.info.status == "FINISHED" and parent.data.tags["capt.role"] == "search"
+    assert {"best_clean_acc", "best_pgd10_acc", "best_robust_acc", "n_complete", "n_fail"} <= set(parent.data.metrics)
+    assert parent.data.metrics["n_fail"] == 1
+    plots = {a.path for a in client.list_artifacts(parent.info.run_id, "plots")}
+    assert {"plots/tradeoff.png", "plots/acc_vs_eps.png"} <= plots
+    assert doc["counts"]["FAIL"] == 1 and doc["counts"]["PRUNED"] >= 1 and doc["counts"]["COMPLETE"] >= 1
+    assert len(doc["trials"]) == 4 and doc["optuna"]["states"]["FAIL"] == 1
+    best = doc["best"][0]
+    assert best["state"] == "COMPLETE" and {"clean_acc", "pgd10_acc", "pgd10_acc_eps2"} <= set(best["final"])
+    assert doc["metrics"]["pgd10_acc"] == best["final"]["pgd10_acc"]
+    assert doc["mlflow"]["ui"] == f"mlflow ui --backend-store-uri {uri}"
+    assert tracking.champion_version(uri, "capt-smoke") == doc["mlflow"]["registered_model"]["version"]
+    local = tracking.download(uri, "models:/capt-smoke@champion", tmp_path)
+    state = torch.load(local / "prompts.pt", weights_only=True)
+    assert state["config"]["attack"]["eps"] == best["params"]["attack.eps"] and state["classnames"][0] == "zero"
+
+
+def test_a_second_search_with_the_same_name_is_refused(smoke):
+    from pipeline.config import ConfigError
+
+    spec = load_search(SMOKE, [f"search.out={smoke['out']}", f"base.data.path={smoke['doc']['config']['base']['data']['path']}"])
+    with pytest.raises(ConfigError, match="already exists.*--resume"):
+        run_search(spec)
+
+
+def test_restored_searcher_reuses_an_orphaned_optuna_trial(tmp_path):
+    """A driver killed between asking Optuna for a trial and saving Tune's state must not leave an extra trial."""
+    spec = load_search(SMOKE, ["search.points_to_evaluate=[{attack.eps: 0.0}]"])
+    storage = optuna.storages.RDBStorage(f"sqlite:///{tmp_path}/o.db")
+    searcher = make_searcher(spec, storage).searcher
+    assert isinstance(searcher, CaptOptunaSearch)
+    first = searcher.suggest("a")
+    assert first["attack.eps"] == 0.0  # points_to_evaluate come first
+    searcher.on_trial_result("a", {"robust_acc": 0.25, "epoch": 1})  # no objective yet: tolerated
+    searcher.save(str(tmp_path / "searcher.pkl"))
+    lost = searcher.suggest("b")  # asked, then the driver dies before Tune saves its state
+    restored = pickle.loads(pickle.dumps(CaptOptunaSearch.__new__(CaptOptunaSearch)))
+    restored.restore(str(tmp_path / "searcher.pkl"))
+    again = restored.suggest("c")
+    assert again == lost
+    assert restored.suggest("d") != lost  # the restored sampler does not draw the orphan's values again
+    study = optuna.load_study(study_name="smoke", storage=storage)
+    assert len(study.trials) == 3
+    assert [t.user_attrs[TUNE_ID_ATTR] for t in study.trials] == ["a", "c", "d"]
+    assert study.trials[0].intermediate_values == {1: 0.25}
+    restored.on_trial_complete("c", {"robust_acc": 0.1, "epoch": 1})  # stopped early: no objective
+    restored.on_trial_complete("d", {"objective_robust_acc": 0.3, "robust_acc": 0.3})
+    states = [t.state for t in optuna.load_study(study_name="smoke", storage=storage).trials]
+    assert states[1:] == [PRUNED, OK]
+
+
+def test_two_objectives_pareto_front_and_searcher(tmp_path):
+    from pipeline.search_report import pareto_front, select_best
+
+    spec = load_search(SMOKE, ["search.objectives=[clean_acc, robust_acc]", "search.points_to_evaluate=[]"])
+    rows = [{"trial_id": str(i), "state": s, "clean_acc": c, "robust_acc": r}
+            for i, (s, c, r) in enumerate([("COMPLETE", 0.9, 0.1), ("COMPLETE", 0.5, 0.4), ("COMPLETE", 0.4, 0.3),
+                                           ("COMPLETE", 0.2, 0.5), ("PRUNED", 0.95, 0.6), ("FAIL", None, None)])]
+    assert [r["trial_id"] for r in pareto_front(rows[:4], ["clean_acc", "robust_acc"])] == ["0", "1", "3"]
+    assert [r["trial_id"] for r in select_best(rows, spec)] == ["3", "1", "0"]  # by robust accuracy
+    single = load_search(SMOKE, ["search.top_k=2"])
+    assert [r["trial_id"] for r in select_best(rows, single)] == ["3", "1"]
+    storage = optuna.storages.RDBStorage(f"sqlite:///{tmp_path}/o.db")
+    searcher = make_searcher(spec, storage).searcher
+    for tid in ("a", "b"):
+        searcher.suggest(tid)
+        searcher.on_trial_result(tid, {"robust_acc": 0.2, "epoch": 1})
+    searcher.on_trial_complete("a", {"objective_clean_acc": 0.7, "objective_robust_acc": 0.3})
+    searcher.on_trial_complete("b", {"robust_acc": 0.2, "clean_acc": 0.5})  # stopped by ASHA
+    study = optuna.load_study(study_name="smoke", storage=storage)
+    assert [t.state for t in study.trials] == [OK, PRUNED] and study.trials[0].values == [0.7, 0.3]
