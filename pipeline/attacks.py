@@ -115,23 +115,47 @@ class PGD(Attack):
             gen = torch.Generator().manual_seed(self.seed) if self.seed is not None else None
             noise = torch.rand(images.shape, generator=gen).to(images.device)
             x_adv = project_linf(images + (noise * 2 - 1) * self.eps, images, self.eps)
+        if not self.keep_best:
+            for _ in range(self.steps):
+                grad, _ = self._gradient(classify, x_adv, labels, clean_logp)
+                x_adv = project_linf(x_adv + self.step_size * grad.sign(), images, self.eps)
+            return x_adv
+        return self._perturb_keep_best(classify, images, x_adv, labels, clean_logp)
+
+    def _gradient(self, classify: Classifier, x: torch.Tensor, labels: torch.Tensor,
+                  clean_logp: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The loss gradient with respect to ``x`` alone, and the logits at ``x`` (detached)."""
+        x = x.detach().requires_grad_(True)
+        with torch.enable_grad():
+            logits = classify(x)
+            (grad,) = torch.autograd.grad(self._objective(logits, labels, clean_logp), x)
+        return grad, logits.detach()
+
+    def _perturb_keep_best(self, classify: Classifier, images: torch.Tensor, x_adv: torch.Tensor,
+                           labels: torch.Tensor, clean_logp: torch.Tensor | None) -> torch.Tensor:
+        """Evaluation PGD: per sample, the first iterate that fooled the model. A fooled sample's
+        answer can no longer change, so it leaves the batch (the "active set"): later steps attack
+        only the samples still classified correctly. Each sample's iterates are those of the
+        full-batch loop (CLIP classifies samples independently), at a fraction of the cost once
+        most samples have fallen, as they do at large eps."""
         best = images.clone()
         fooled = torch.zeros(len(images), dtype=torch.bool, device=images.device)
+        active = torch.arange(len(images), device=images.device)  # indices of samples not fooled yet
         for _ in range(self.steps):
-            x_adv.requires_grad_(True)
-            with torch.enable_grad():
-                logits = classify(x_adv)
-                loss = self._objective(logits, labels, clean_logp)
-                (grad,) = torch.autograd.grad(loss, x_adv)
-            if self.keep_best:
-                new = (logits.detach().argmax(dim=1) != labels) & ~fooled
-                best[new], fooled = x_adv.detach()[new], fooled | new
-            x_adv = project_linf(x_adv.detach() + self.step_size * grad.sign(), images, self.eps)
-        if not self.keep_best:
-            return x_adv
-        with torch.no_grad():
-            new = (classify(x_adv).argmax(dim=1) != labels) & ~fooled
-        best[new], fooled = x_adv[new], fooled | new
+            xa, x0 = x_adv[active], images[active]
+            grad, logits = self._gradient(classify, xa, labels[active],
+                                          None if clean_logp is None else clean_logp[active])
+            hit = logits.argmax(dim=1) != labels[active]
+            best[active[hit]], fooled[active[hit]] = xa[hit], True
+            keep = ~hit
+            active = active[keep]
+            x_adv[active] = project_linf(xa[keep] + self.step_size * grad[keep].sign(), x0[keep], self.eps)
+            if len(active) == 0:
+                break
+        if len(active):
+            with torch.no_grad():
+                hit = classify(x_adv[active]).argmax(dim=1) != labels[active]
+            best[active[hit]], fooled[active[hit]] = x_adv[active[hit]], True
         return torch.where(fooled.view(-1, 1, 1, 1), best, x_adv)
 
 

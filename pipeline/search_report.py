@@ -9,6 +9,7 @@ from __future__ import annotations
 import io
 import logging
 import re
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -215,15 +216,23 @@ def _final_eval(ctx: dict[str, Any], params: dict[str, Any], checkpoint: Any, at
 
 
 def final_evaluation(spec: SearchSpec, ctx: dict[str, Any], chosen: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Re-evaluate the chosen trials in parallel Ray tasks; the first also at ``search.final_eps``."""
+    """Re-evaluate the chosen trials, the first also at ``search.final_eps``: one Ray task per
+    (trial, eps), all in parallel on the trials' resources, merged per trial."""
     res = spec.search.resources
     task = ray.remote(_final_eval).options(num_cpus=res.get("cpu", 1), num_gpus=res.get("gpu", 0), max_retries=1)
-    refs, eps = [], [from_dict(ctx["base"]).replace(**row["params"]).attack.eps for row in chosen]
+    eps = [from_dict(ctx["base"]).replace(**row["params"]).attack.eps for row in chosen]
+    jobs = []  # (row index, ref)
     for i, row in enumerate(chosen):
-        eps_list = sorted({eps[i], *spec.search.final_eps}) if i == 0 else [eps[i]]
-        refs.append(task.remote(ctx, row["params"], row["checkpoint"], list(spec.search.final_attacks), eps_list))
-    return [{**row, "eps": e, "final": metrics, "prompts": prompts}
-            for row, e, (metrics, prompts) in zip(chosen, eps, ray.get(refs), strict=True)]
+        for e in (sorted({eps[i], *spec.search.final_eps}) if i == 0 else [eps[i]]):
+            jobs.append((i, task.remote(ctx, row["params"], row["checkpoint"], list(spec.search.final_attacks), [e])))
+    log.info("re-evaluating %d trial(s) with %s: %d Ray task(s)", len(chosen),
+             ", ".join(spec.search.final_attacks), len(jobs))
+    merged: list[dict[str, float]] = [{} for _ in chosen]
+    prompts: list[bytes | None] = [None for _ in chosen]
+    for (i, _), (metrics, blob) in zip(jobs, ray.get([ref for _, ref in jobs]), strict=True):
+        merged[i].update(metrics)
+        prompts[i] = prompts[i] or blob
+    return [{**row, "eps": e, "final": m, "prompts": b} for row, e, m, b in zip(chosen, eps, merged, prompts, strict=True)]
 
 
 def print_table(rows: list[dict[str, Any]], attacks: list[str]) -> None:
@@ -246,7 +255,10 @@ def param_importances(study: optuna.Study, spec: SearchSpec) -> dict[str, float]
     idx = list(spec.search.objectives).index("robust_acc") if "robust_acc" in spec.search.objectives else 0
     target = (lambda t: t.values[idx]) if len(spec.search.objectives) > 1 else None
     try:
-        return {k: float(v) for k, v in optuna.importance.get_param_importances(study, target=target).items()}
+        with warnings.catch_warnings():  # "some regimes have < 2 trials": expected in small searches
+            warnings.simplefilter("ignore", UserWarning)
+            values = optuna.importance.get_param_importances(study, target=target)
+        return {k: float(v) for k, v in values.items()}
     except Exception as exc:  # e.g. no parameter varies across the complete trials
         log.info("parameter importances skipped: %s", str(exc).splitlines()[0])
         return {}
@@ -326,7 +338,8 @@ def _tradeoff(plt: Any, rows: list[dict[str, Any]]) -> Any:
     done = [r for r in rows if r["state"] == "COMPLETE"]
     front = sorted(pareto_front(done, ["clean_acc", "robust_acc"]), key=lambda r: r["clean_acc"])
     if front:
-        ax.plot([r["clean_acc"] for r in front], [r["robust_acc"] for r in front], "r--", label="Pareto front")
+        ax.plot([r["clean_acc"] for r in front], [r["robust_acc"] for r in front], "r--", marker="o", mfc="none",
+                ms=12, label=f"Pareto front ({len(front)})")  # rings: visible with a one-point front too
     ax.set(xlabel="clean accuracy", ylabel="robust accuracy (per-epoch monitor)", title="trials")
     ax.legend()
     return fig

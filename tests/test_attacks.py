@@ -83,3 +83,44 @@ def test_strength_ordering_on_trained_model(trained_classifier):
     assert m["clean_acc"] >= 0.9, m  # a model worth attacking
     assert m["autoattack_acc"] <= m["pgd100_acc"] <= m["pgd10_acc"] <= m["clean_acc"], m
     assert m["autoattack_acc"] < m["clean_acc"], m  # the eps is large enough to matter
+
+
+def _reference_keep_best(attack, clf, x, y):
+    """The straightforward evaluation PGD: every sample attacked at every step, first fooling iterate kept."""
+    from pipeline.attacks import project_linf
+
+    noise = torch.rand(x.shape, generator=torch.Generator().manual_seed(attack.seed))
+    x_adv = project_linf(x + (noise * 2 - 1) * attack.eps, x, attack.eps)
+    best, fooled = x.clone(), torch.zeros(len(x), dtype=torch.bool)
+    for _ in range(attack.steps):
+        x_adv.requires_grad_(True)
+        logits = clf(x_adv)
+        (grad,) = torch.autograd.grad(torch.nn.functional.cross_entropy(logits, y, reduction="sum"), x_adv)
+        new = (logits.detach().argmax(1) != y) & ~fooled
+        best[new], fooled = x_adv.detach()[new], fooled | new
+        x_adv = project_linf(x_adv.detach() + attack.step_size * grad.sign(), x, attack.eps)
+    with torch.no_grad():
+        new = (clf(x_adv).argmax(1) != y) & ~fooled
+    best[new], fooled = x_adv[new], fooled | new
+    return torch.where(fooled.view(-1, 1, 1, 1), best, x_adv), fooled
+
+
+def test_evaluation_pgd_active_set_matches_full_batch_and_saves_work(trained_classifier):
+    """Fooled samples leave the batch: same adversarial images (up to float rounding across batch
+    shapes) and the same verdicts as attacking every sample at every step, with fewer image passes."""
+    model, clf, x, y = _setup(trained_classifier, n=32)
+    attack = build_attack("pgd", eps=24 / 255, steps=20, module=model)
+    seen = []
+
+    def counting(images):
+        seen.append(len(images))
+        return clf(images)
+
+    adv = attack(counting, x, y)
+    with torch.enable_grad():
+        ref, fooled = _reference_keep_best(attack, clf, x, y)
+    with torch.no_grad():
+        assert torch.equal(clf(adv).argmax(1) != y, fooled)
+    assert (adv - ref).abs().max() <= 1e-5
+    assert 0 < fooled.sum() < len(y), "eps should fool some samples and not others"
+    assert sum(seen) < 0.9 * len(y) * (attack.steps + 1), seen
