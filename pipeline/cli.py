@@ -59,6 +59,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--base-to-new", action="store_true")
     s.add_argument("--cross", nargs="+", help="other shards folders, evaluated zero-shot")
     s.add_argument("--limit", type=int, default=None, help="at most this many test images")
+    s.add_argument("--autoattack-limit", type=int, default=None, metavar="N",
+                   help="AutoAttack on the first N of those only (its Square stage is costly), with the other "
+                        "attacks also reported on the same N (<attack>-aasub_acc)")
     s.add_argument("--device", default="auto")
     s.add_argument("--out", required=True)
     s.set_defaults(func=c.cmd_eval)

@@ -90,6 +90,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     over = {"eval.final_attacks": args.attack} if args.attack else {}
     if args.eps:
         over["eval.final_eps"] = args.eps
+    if args.autoattack_limit is not None:
+        over["eval.autoattack_limit"] = args.autoattack_limit
     over.update({"data.path": str(args.data), "data.test_limit": args.limit, "data.shots": 1})
     cfg = cfg.replace(**over)
     kw = eval_settings(cfg, device)

@@ -41,15 +41,13 @@ def load_compare(path: str | Path, overrides: list[str]) -> dict[str, Any]:
     methods = doc.get("methods") or {}
     if not methods:
         raise ConfigError(f"compare file {path}: `methods` is empty")
-    protocols = doc.get("protocols") or ["few_shot"]
-    for p in protocols:
-        if p not in PROTOCOLS:
-            raise ConfigError(f"protocols: unknown protocol {p!r}; choose from {sorted(PROTOCOLS)}")
+    protocols = _protocols(doc.get("protocols"))
     cells = []
     for method, extra in methods.items():
-        for protocol in protocols:
+        for protocol, p_extra in protocols.items():
             for seed in doc.get("seeds") or [0]:
-                tree = _merge(_merge(copy.deepcopy(doc.get("base") or {}), extra or {}), PROTOCOLS[protocol])
+                tree = _merge(copy.deepcopy(doc.get("base") or {}), copy.deepcopy(p_extra))
+                tree = _merge(_merge(tree, copy.deepcopy(extra or {})), PROTOCOLS[protocol])
                 tree = _merge(tree, {"method": method, "run": {"seed": seed}, "data": {"seed": seed}})
                 try:
                     cfg = resolve_demo(from_dict(tree))
@@ -62,6 +60,20 @@ def load_compare(path: str | Path, overrides: list[str]) -> dict[str, Any]:
     settings["out"] = str(Path(settings["out"]).resolve())
     return {"cells": cells, "methods": list(methods), "settings": settings, "tapt": doc.get("tapt"),
             "tracking": doc.get("tracking") or {}, "source": str(Path(path).resolve()), "doc": doc}
+
+
+def _protocols(value: Any) -> dict[str, dict[str, Any]]:
+    """``protocols``: a list of names, or a mapping name -> config overrides for that protocol's cells
+    (e.g. no AutoAttack and no cross-dataset evaluation in ``base_to_new``, whose table columns show
+    neither); method overrides apply on top of them."""
+    items = {name: {} for name in value} if isinstance(value, list) else dict(value or {"few_shot": {}})
+    for name, extra in items.items():
+        if name not in PROTOCOLS:
+            raise ConfigError(f"protocols: unknown protocol {name!r}; choose from {sorted(PROTOCOLS)}")
+        if not isinstance(extra or {}, dict):
+            raise ConfigError(f"protocols.{name}: expected a mapping of config overrides, got {extra!r}")
+        items[name] = extra or {}
+    return items
 
 
 def _merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:

@@ -106,6 +106,7 @@ class EvalConfig:
     final_attacks: tuple[str, ...] = ("pgd100",)  # after training: pgd100 | cw100 | autoattack
     final_eps: tuple[float, ...] = ()  # default: (training eps,)
     batch_size: int = 64
+    autoattack_limit: int | None = None  # AutoAttack on the first n test images only (null: all)
 
 
 @dataclass(frozen=True)
@@ -249,6 +250,8 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"attack.eps: {a.eps} out of range [0, 255] (units of 1/255)")
     if a.steps < 0 or (a.step_size is not None and a.step_size < 0):
         raise ConfigError("attack.steps / attack.step_size must be >= 0")
+    if cfg.eval.autoattack_limit is not None and cfg.eval.autoattack_limit < 1:
+        raise ConfigError(f"eval.autoattack_limit: {cfg.eval.autoattack_limit} must be >= 1 (or null: all images)")
     if cfg.eval.eps is not None and not 0 <= cfg.eval.eps <= 255:
         raise ConfigError(f"eval.eps: {cfg.eval.eps} out of range [0, 255] (units of 1/255)")
     for e in cfg.eval.final_eps:

@@ -145,8 +145,8 @@ def _check_classes(classes: Sequence[int], num_classes: int | None) -> list[int]
     return classes
 
 
-def to_tensor(image: Image.Image, size: int) -> torch.Tensor:
-    """RGB, shorter side to ``size`` (bicubic), centre crop to ``size``^2, float32 (3, H, W) in [0, 1]."""
+def to_uint8(image: Image.Image, size: int) -> torch.Tensor:
+    """RGB, shorter side to ``size`` (bicubic), centre crop to ``size``^2, uint8 (3, H, W)."""
     image = image.convert("RGB")
     width, height = image.size
     if min(width, height) != size:  # same rounding as torchvision's Resize(int)
@@ -158,10 +158,21 @@ def to_tensor(image: Image.Image, size: int) -> torch.Tensor:
     if (width, height) != (size, size):
         left, top = int(round((width - size) / 2.0)), int(round((height - size) / 2.0))
         image = image.crop((left, top, left + size, top + size))
-    array = np.asarray(image, dtype=np.uint8).transpose(2, 0, 1)  # (3, H, W)
+    return torch.from_numpy(np.ascontiguousarray(np.asarray(image, dtype=np.uint8).transpose(2, 0, 1)))
+
+
+def to_tensor(image: Image.Image, size: int) -> torch.Tensor:
+    """:func:`to_uint8`, as float32 (3, H, W) in [0, 1] (exactly ``as_pixels(to_uint8(...))``)."""
+    array = to_uint8(image, size).numpy()
     out = np.empty(array.shape, dtype=np.float32)
     np.divide(array, np.float32(255.0), out=out)  # numpy, not torch: no thread-pool cost per image
     return torch.from_numpy(out)
+
+
+def as_pixels(x: torch.Tensor) -> torch.Tensor:
+    """Images as float pixels in [0, 1]: uint8 (as held in memory by :func:`load_split`) divided by
+    255, which gives exactly the floats :func:`to_tensor` makes; float input is returned as is."""
+    return x.float().div_(255.0) if x.dtype == torch.uint8 else x
 
 
 class ShardDataset(IterableDataset):
@@ -176,7 +187,8 @@ class ShardDataset(IterableDataset):
     def __init__(self, urls: Sequence[str], *, image_size: int, num_classes: int | None = None,
                  classes: Sequence[int] | None = None, shuffle_buffer: int = 0, shard_shuffle: bool = False,
                  seed: int = 0, strict: bool = False, resampled: bool = False,
-                 expected_counts: dict[str, int] | None = None, with_keys: bool = False) -> None:
+                 expected_counts: dict[str, int] | None = None, with_keys: bool = False,
+                 uint8: bool = False) -> None:
         super().__init__()
         if not urls:
             raise ValueError("no shard urls to read")
@@ -189,6 +201,7 @@ class ShardDataset(IterableDataset):
         self.remap = None if kept is None else {c: i for i, c in enumerate(kept)}
         self.shuffle_buffer, self.shard_shuffle, self.seed = shuffle_buffer, shard_shuffle, seed
         self.strict, self.resampled, self.with_keys = strict, resampled, with_keys
+        self.uint8 = uint8  # yield uint8 (3, H, W) images (4x smaller; see as_pixels) instead of float
         self.expected_counts = dict(expected_counts or {})
         self.selected: frozenset[tuple[str, str]] | None = None
         self.epoch, self._warnings = 0, 0
@@ -292,7 +305,7 @@ class ShardDataset(IterableDataset):
             return None
         try:
             with Image.open(io.BytesIO(sample[key])) as image:
-                tensor = to_tensor(image, self.image_size)
+                tensor = (to_uint8 if self.uint8 else to_tensor)(image, self.image_size)
         except Exception as exc:  # PIL raises many types on bad bytes
             self._sample_failed(url, sample, f"undecodable image ({type(exc).__name__})")
             return None
@@ -353,7 +366,7 @@ def make_dataset(
     source_or_urls: ShardSource | str | Path | Sequence[str], *, split: str | None = None, image_size: int,
     shuffle_buffer: int = 0, seed: int = 0, classes: Sequence[int] | None = None, strict: bool = False,
     resampled: bool = False, shots: int | None = None, shard_shuffle: bool | None = None,
-    num_classes: int | None = None, with_keys: bool = False,
+    num_classes: int | None = None, with_keys: bool = False, uint8: bool = False,
 ) -> ShardDataset:
     """A streaming dataset of ``(image (3, H, W) float32 in [0, 1], label int64)``.
 
@@ -378,7 +391,7 @@ def make_dataset(
     dataset = ShardDataset(urls, image_size=image_size, num_classes=num_classes, classes=classes,
                            shuffle_buffer=shuffle_buffer, seed=seed, strict=strict, resampled=resampled,
                            shard_shuffle=shuffle_buffer > 1 if shard_shuffle is None else shard_shuffle,
-                           expected_counts=expected, with_keys=with_keys)
+                           expected_counts=expected, with_keys=with_keys, uint8=uint8)
     if shots is not None:
         dataset.select_few_shot(shots, seed)
     return dataset
@@ -388,13 +401,15 @@ def load_split(
     source: ShardSource | str | Path, split: str, *, image_size: int, classes: Sequence[int] | None = None,
     shots: int | None = None, seed: int = 0, strict: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, dict[str, int]]:
-    """A whole split in memory: images (N, 3, H, W) float32, labels (N,) int64, and read stats.
+    """A whole split in memory: images (N, 3, H, W) uint8, labels (N,) int64, and read stats.
 
     Samples come in shard order. Few-shot selection (``shots`` per class, deterministic in
-    ``seed``) is applied here. Memory is N * 3 * H * W * 4 bytes: fine for few-shot and the demo.
+    ``seed``) is applied here. Images stay uint8 (N * 3 * H * W bytes: 7.5 GB for ImageNet's 50,000
+    validation images at 224 px, a quarter of float32); consumers convert each batch with
+    :func:`as_pixels`, which gives exactly the float pixels of :func:`to_tensor`.
     """
     dataset = make_dataset(source, split=split, image_size=image_size, classes=classes, shots=shots,
-                           seed=seed, strict=strict, shard_shuffle=False)
+                           seed=seed, strict=strict, shard_shuffle=False, uint8=True)
     pairs = list(dataset)
     if not pairs:
         raise ValueError(f"{ShardSource.open(source).root}: split {split!r} yielded no samples")

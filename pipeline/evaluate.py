@@ -15,10 +15,29 @@ from typing import Any
 import torch
 
 from .attacks import Attack, build_attack
+from .data import as_pixels
 from .prompts import FixedTextClassifier, PromptedCLIP
 
 # name -> (attack, steps)
 FINAL_ATTACKS = {"pgd10": ("pgd", 10), "pgd100": ("pgd", 100), "cw100": ("cw", 100), "autoattack": ("autoattack", 0)}
+
+
+def correct(model: PromptedCLIP, x: torch.Tensor, y: torch.Tensor, *, attack: Attack | None = None,
+            batch_size: int = 64, device: torch.device | str = "cpu") -> torch.Tensor:
+    """Per sample (bool, on the CPU): is ``model`` right on (x, y), on adversarial images when
+    ``attack`` is given."""
+    model.eval()
+    with torch.no_grad():
+        text = model.text_features()  # once for the whole evaluation
+    classifier = FixedTextClassifier(model, text)
+    hits = []
+    for i in range(0, len(y), batch_size):
+        xb, yb = as_pixels(x[i:i + batch_size].to(device)), y[i:i + batch_size].to(device)
+        if attack is not None:
+            xb = attack(classifier, xb, yb)
+        with torch.no_grad():
+            hits.append((classifier(xb).argmax(dim=1) == yb).cpu())
+    return torch.cat(hits) if hits else torch.zeros(0, dtype=torch.bool)
 
 
 def accuracy(model: PromptedCLIP, x: torch.Tensor, y: torch.Tensor, *, attack: Attack | None = None,
@@ -26,32 +45,37 @@ def accuracy(model: PromptedCLIP, x: torch.Tensor, y: torch.Tensor, *, attack: A
     """Top-1 accuracy of ``model`` on (x, y), on adversarial images when ``attack`` is given."""
     if len(y) == 0:
         return float("nan")
-    model.eval()
-    with torch.no_grad():
-        text = model.text_features()  # once for the whole evaluation
-    classifier = FixedTextClassifier(model, text)
-    correct = 0
-    for i in range(0, len(y), batch_size):
-        xb, yb = x[i:i + batch_size].to(device), y[i:i + batch_size].to(device)
-        if attack is not None:
-            xb = attack(classifier, xb, yb)
-        with torch.no_grad():
-            correct += (classifier(xb).argmax(dim=1) == yb).sum().item()
-    return correct / len(y)
+    return correct(model, x, y, attack=attack, batch_size=batch_size, device=device).float().mean().item()
 
 
 def final_metrics(model: PromptedCLIP, x: torch.Tensor, y: torch.Tensor, *, attacks: Sequence[str],
                   eps_list: Sequence[float], primary_eps: float, batch_size: int = 64,
-                  device: torch.device | str = "cpu", prefix: str = "") -> dict[str, float]:
-    """Clean accuracy and accuracy under each named attack at each eps (eps in 1/255 units)."""
-    out = {f"{prefix}clean_acc": accuracy(model, x, y, batch_size=batch_size, device=device)}
+                  device: torch.device | str = "cpu", prefix: str = "",
+                  autoattack_limit: int | None = None) -> dict[str, float]:
+    """Clean accuracy and accuracy under each named attack at each eps (eps in 1/255 units).
+
+    ``autoattack_limit``: AutoAttack (by far the costliest: its Square stage alone spends 5,000
+    queries on every image still standing) runs on the first n images only; ``autoattack_acc`` is
+    then over those n, and ``clean-aasub_acc`` / ``<attack>-aasub_acc`` give the other figures on
+    the same n images, so that AutoAttack is compared with PGD on identical images.
+    """
+    def key(name: str, eps: float | None) -> str:
+        return f"{prefix}{name}_acc" + ("" if eps is None or eps == primary_eps else f"_eps{eps:g}")
+
+    masks = {key("clean", None): correct(model, x, y, batch_size=batch_size, device=device)}
+    n_aa = len(y) if autoattack_limit is None else min(int(autoattack_limit), len(y))
     for name in attacks:
         kind, steps = FINAL_ATTACKS[name]
+        n = n_aa if name == "autoattack" else len(y)
         for eps in eps_list:
             attack = build_attack(kind, eps=eps / 255.0, steps=steps, n_classes=len(model.classnames), module=model)
-            acc = accuracy(model, x, y, attack=attack, batch_size=batch_size, device=device)
-            key = f"{prefix}{name}_acc" if eps == primary_eps else f"{prefix}{name}_acc_eps{eps:g}"
-            out[key] = acc
+            masks[key(name, eps)] = correct(model, x[:n], y[:n], attack=attack, batch_size=batch_size, device=device)
+    out = {k: m.float().mean().item() for k, m in masks.items()}
+    if "autoattack" in attacks and n_aa < len(y):
+        out[f"{prefix}autoattack_n"] = float(n_aa)
+        for name in ["clean", *[a for a in attacks if a != "autoattack"]]:
+            for eps in [None] if name == "clean" else eps_list:
+                out[key(f"{name}-aasub", eps)] = masks[key(name, eps)][:n_aa].float().mean().item()
     return out
 
 

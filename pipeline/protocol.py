@@ -27,7 +27,7 @@ def eval_settings(cfg: Config, device: torch.device | str) -> dict[str, Any]:
     eps_list = list(cfg.eval.final_eps) or [cfg.attack.eps]
     primary = cfg.attack.eps if cfg.attack.eps in eps_list else eps_list[0]
     return {"attacks": list(cfg.eval.final_attacks), "eps_list": eps_list, "primary_eps": primary,
-            "batch_size": cfg.eval.batch_size, "device": device}
+            "batch_size": cfg.eval.batch_size, "device": device, "autoattack_limit": cfg.eval.autoattack_limit}
 
 
 def final_evaluation(cfg: Config, model: PromptedCLIP, task: TaskData, device: torch.device | str,
@@ -45,7 +45,7 @@ def final_evaluation(cfg: Config, model: PromptedCLIP, task: TaskData, device: t
         metrics.update(new_m)
         for k in [k for k in list(metrics) if k.startswith("new_")]:
             base_key = "base_" + k.removeprefix("new_")
-            if base_key in metrics:
+            if base_key in metrics and "_acc" in k:
                 metrics["hm_" + k.removeprefix("new_")] = harmonic_mean(metrics[base_key], metrics[k])
     for path in cfg.data.cross_datasets:
         metrics.update(cross_dataset(cfg, model, path, size, **kw))

@@ -208,7 +208,8 @@ def _final_eval(ctx: dict[str, Any], params: dict[str, Any], checkpoint: Any, at
     model.load_prompt_state(state["prompts"], source="search checkpoint")
     model.eval()
     metrics = final_metrics(model, task.test_x, task.test_y, attacks=attacks, eps_list=eps_list,
-                            primary_eps=cfg.attack.eps, batch_size=cfg.eval.batch_size, device=device)
+                            primary_eps=cfg.attack.eps, batch_size=cfg.eval.batch_size, device=device,
+                            autoattack_limit=cfg.eval.autoattack_limit)
     buf = io.BytesIO()
     torch.save({"prompts": state["prompts"], "config": cfg.to_dict(), "classnames": task.classnames,
                 "templates": task.templates}, buf)

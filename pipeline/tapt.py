@@ -44,6 +44,7 @@ from tqdm import tqdm
 from . import losses
 from .attacks import attack_mode, build_attack, project_linf
 from .config import ConfigError
+from .data import as_pixels
 from .prompts import FixedTextClassifier, PromptedCLIP
 from .tapt_stats import (
     TaptStats,
@@ -368,7 +369,7 @@ def evaluate_tapt(model: PromptedCLIP, x: torch.Tensor, y: torch.Tensor, stats: 
     hits = dict.fromkeys(("clean_acc", "robust_acc", "tapt_clean_acc", "tapt_robust_acc", "adaptive_robust_acc"), 0)
     tapt_time = 0.0
     for i in tqdm(range(0, len(y), ev.batch_size), desc="tapt", disable=not progress):
-        xb, yb = x[i:i + ev.batch_size].to(device), y[i:i + ev.batch_size].to(device)
+        xb, yb = as_pixels(x[i:i + ev.batch_size].to(device)), y[i:i + ev.batch_size].to(device)
         idx = range(i, i + len(yb))
         x_adv = attack(classifier, xb, yb)
         with torch.no_grad():

@@ -40,6 +40,7 @@ from tqdm import tqdm
 
 from .attacks import Attack
 from .config import ConfigError
+from .data import as_pixels
 from .prompts import FixedTextClassifier, PromptedCLIP
 
 PUBLISHED_LAYERS = tuple(range(8))  # official code: blocks 0..7 (ALIGN_LAYER_FROM=0, ALIGN_LAYER_TO - 1 = 8)
@@ -287,7 +288,7 @@ class RunningMoments:
 
 def _batches(x: torch.Tensor, y: torch.Tensor, batch_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     for i in range(0, len(y), batch_size):
-        yield x[i:i + batch_size], y[i:i + batch_size]
+        yield as_pixels(x[i:i + batch_size]), y[i:i + batch_size]
 
 
 def layer_moments(model: PromptedCLIP, batches: Iterable[tuple[torch.Tensor, torch.Tensor]],

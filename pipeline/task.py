@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .config import ConfigError, DataConfig
+from .data import as_pixels
 
 
 @dataclass
@@ -19,7 +20,7 @@ class TaskData:
     name: str
     classnames: list[str]
     templates: list[str]
-    train_x: torch.Tensor  # (N, 3, H, W) float in [0, 1]
+    train_x: torch.Tensor  # (N, 3, H, W): uint8 from shards (see data.as_pixels), or float in [0, 1]
     train_y: torch.Tensor  # (N,) long
     test_x: torch.Tensor
     test_y: torch.Tensor
@@ -31,7 +32,7 @@ class TaskData:
         order = torch.randperm(len(self.train_y), generator=g)
         for i in range(0, len(order), batch_size):
             idx = order[i:i + batch_size]
-            yield self.train_x[idx], self.train_y[idx]
+            yield as_pixels(self.train_x[idx]), self.train_y[idx]
 
 
 def load_task(cfg: DataConfig, image_size: int, *, classes: str | None = None) -> TaskData:

@@ -124,3 +124,17 @@ def test_evaluation_pgd_active_set_matches_full_batch_and_saves_work(trained_cla
     assert (adv - ref).abs().max() <= 1e-5
     assert 0 < fooled.sum() < len(y), "eps should fool some samples and not others"
     assert sum(seen) < 0.9 * len(y) * (attack.steps + 1), seen
+
+
+def test_autoattack_on_a_subset_reports_the_others_on_the_same_images(trained_classifier):
+    model, x, y = trained_classifier
+    torch.manual_seed(0)
+    full = final_metrics(model, x, y, attacks=["pgd10", "autoattack"], eps_list=[16.0], primary_eps=16.0)
+    torch.manual_seed(0)
+    sub = final_metrics(model, x, y, attacks=["pgd10", "autoattack"], eps_list=[16.0], primary_eps=16.0,
+                        autoattack_limit=10)
+    assert sub["autoattack_n"] == 10 and "autoattack_n" not in full
+    assert sub["clean_acc"] == full["clean_acc"] and sub["pgd10_acc"] == full["pgd10_acc"]  # whole set
+    head = final_metrics(model, x[:10], y[:10], attacks=["pgd10"], eps_list=[16.0], primary_eps=16.0)
+    assert sub["clean-aasub_acc"] == head["clean_acc"] and sub["pgd10-aasub_acc"] == head["pgd10_acc"]
+    assert sub["autoattack_acc"] <= sub["pgd10-aasub_acc"] <= sub["clean-aasub_acc"]

@@ -44,6 +44,31 @@ def test_cross_average_and_honesty():
     assert honesty_problems([_cell("ok", 0, 0.9, 0.5, 0.4)]) == []
 
 
+def test_honesty_on_the_autoattack_subset():
+    """AutoAttack on a subset is held against PGD-100 on the same images, not on the whole set."""
+    cell = _cell("capt", 0, 0.9, 0.5, 0.45)
+    cell["metrics"].update({"clean-aasub_acc": 0.9, "pgd100-aasub_acc": 0.4})  # AA 0.45 > PGD-100 0.4 there
+    problems = honesty_problems([cell])
+    assert len(problems) == 1 and "AutoAttack 0.450 > PGD-100 0.400 on the AutoAttack subset" in problems[0]
+    cell["metrics"]["pgd100-aasub_acc"] = 0.5
+    assert honesty_problems([cell]) == []
+
+
+def test_protocol_overrides(tmp_path):
+    f = tmp_path / "c.yaml"
+    f.write_text("base: {eval: {final_attacks: [pgd100, autoattack]}}\n"
+                 "methods: {zeroshot: {}, capt: {eval: {final_attacks: [pgd10]}}}\n"
+                 "protocols: {few_shot: {}, base_to_new: {eval: {final_attacks: [pgd100]}}}\n")
+    cells = {(c["method"], c["protocol"]): c["config"] for c in load_compare(f, [])["cells"]}
+    assert cells["zeroshot", "few_shot"]["eval"]["final_attacks"] == ["pgd100", "autoattack"]
+    assert cells["zeroshot", "base_to_new"]["eval"]["final_attacks"] == ["pgd100"]
+    assert cells["zeroshot", "base_to_new"]["data"]["classes"] == "base"
+    assert cells["capt", "base_to_new"]["eval"]["final_attacks"] == ["pgd10"]  # the method's own override wins
+    f.write_text("methods: {capt: {}}\nprotocols: {base_to_new: [1]}\n")
+    with pytest.raises(ConfigError, match="protocols.base_to_new"):
+        load_compare(f, [])
+
+
 def test_compare_file_validation(tmp_path):
     f = tmp_path / "c.yaml"
     f.write_text("methods: {capt: {loss: {lamda: 1}}}\n")
