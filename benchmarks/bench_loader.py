@@ -77,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
     for row in rows:
         log.info("%10d %8d %8d %12.1f %18.1f", row["image_size"], row["num_workers"], row["images"],
                  row["images_per_s"], row["images_per_s_per_worker"])
-    record = {"command": shlex.join([sys.executable, *sys.argv]), "machine": machine(),
+    record = {"command": shlex.join([Path(sys.executable).name, *sys.argv]), "machine": machine(),
               "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
               "data": {"name": meta["name"], "split": args.split, "batch_size": args.batch_size,
                        "passes": args.passes, "image_format": meta["image_format"]},

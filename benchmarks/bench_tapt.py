@@ -164,7 +164,7 @@ def main(argv: list[str] | None = None) -> int:
     for r in rows:
         log.info("%-16s %6d %5d %5d %10.2f %10.2f %8.2f", r["mode"], r["views"], r["keep"], r["batch"],
                  r["images_per_s"], r["ms_per_image"], r["speedup"])
-    record = {"command": shlex.join([sys.executable, *sys.argv]), "machine": machine(device),
+    record = {"command": shlex.join([Path(sys.executable).name, *sys.argv]), "machine": machine(device),
               "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
               "setup": {"model": args.model, "device": str(device), "design": args.design, "depth": depth,
                         "classes": args.classes, "images": args.images, "repeats": args.repeats,

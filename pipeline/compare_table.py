@@ -18,6 +18,7 @@ COLUMNS: list[tuple[str, str, str]] = [
     ("few_shot", "pgd100_acc", "PGD-100"),
     ("few_shot", "autoattack_acc", "AutoAttack"),
     ("few_shot", "pgd100-aasub_acc", "PGD-100 on AA images"),  # when AutoAttack ran on a subset
+    ("few_shot", "adaptive_robust_acc", "adaptive (TAPT)"),  # TAPT rows: PGD through the defence
     ("base_to_new", "base_clean_acc", "base clean"),
     ("base_to_new", "base_pgd100_acc", "base PGD-100"),
     ("base_to_new", "new_clean_acc", "new clean"),
