@@ -50,7 +50,7 @@ def load_clip(cfg: ModelConfig, device: torch.device | str = "cpu") -> LoadedCli
         model = _from_pretrained(cfg)
     else:
         log.warning("model %s has no weights (model.pretrained / model.checkpoint unset): random init", cfg.name)
-        model = _bare_model(cfg.name)
+        model = bare_model(cfg.name)
     model = model.to(device).eval()
     for p in model.parameters():
         p.requires_grad_(False)
@@ -68,7 +68,7 @@ class _DropNoWeightsWarning(logging.Filter):
         return "No pretrained weights loaded" not in record.getMessage()
 
 
-def _bare_model(name: str) -> nn.Module:
+def bare_model(name: str) -> nn.Module:
     """``open_clip.create_model(name)`` without weights, minus open_clip's "initialized randomly"
     warning: the caller either loads a checkpoint next or has already said that there are no weights."""
     quiet = _DropNoWeightsWarning()
@@ -84,7 +84,7 @@ def _from_checkpoint(cfg: ModelConfig) -> nn.Module:
     path = Path(cfg.checkpoint)
     if not path.is_file():
         raise ConfigError(f"model.checkpoint: file not found: {path}")
-    model = _bare_model(cfg.name)
+    model = bare_model(cfg.name)
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # corrupt / not a torch file

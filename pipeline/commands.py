@@ -152,5 +152,5 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def _print_metrics(metrics: dict[str, float]) -> None:
-    keys = [k for k in metrics if k.endswith("_acc")]
-    print("  ".join(f"{k} {metrics[k]:.3f}" for k in keys if metrics[k] is not None))
+    keys = sorted(k for k in metrics if "_acc" in k and metrics[k] is not None)  # _acc and _acc_eps<E>
+    print("  ".join(f"{k} {metrics[k]:.3f}" for k in keys))

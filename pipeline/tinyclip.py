@@ -21,7 +21,7 @@ import open_clip
 import torch
 import torch.nn.functional as F
 
-from .clip import register_model_configs
+from .clip import bare_model, register_model_configs
 from .config import ConfigError
 
 log = logging.getLogger(__name__)
@@ -62,7 +62,7 @@ def train_tiny_clip(train_x: torch.Tensor, train_y: torch.Tensor, classnames: li
     register_model_configs()
     torch.manual_seed(cfg.seed)
     g = torch.Generator().manual_seed(cfg.seed)
-    model = open_clip.create_model(cfg.model, pretrained=None)
+    model = bare_model(cfg.model)  # trained from scratch below
     tokenizer = open_clip.get_tokenizer(cfg.model)
     mean = torch.tensor(open_clip.OPENAI_DATASET_MEAN).view(1, 3, 1, 1)
     std = torch.tensor(open_clip.OPENAI_DATASET_STD).view(1, 3, 1, 1)
