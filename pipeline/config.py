@@ -236,6 +236,11 @@ def from_dict(tree: dict[str, Any]) -> Config:
     return cfg
 
 
+def eval_eps(cfg: Config) -> float:
+    """The eps (1/255 units) that robust accuracy is measured at: ``eval.eps``, else the training eps."""
+    return cfg.eval.eps if cfg.eval.eps is not None else cfg.attack.eps
+
+
 def validate(cfg: Config) -> None:
     """Range and choice checks that do not need the model (depth is checked against the model later)."""
     flat = _flatten(cfg.to_dict())

@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from .config import Config
+from .config import Config, eval_eps
 from .evaluate import final_metrics, harmonic_mean, label_space
 from .prompts import PromptedCLIP
 from .task import TaskData, load_task
@@ -24,8 +24,8 @@ log = logging.getLogger(__name__)
 
 
 def eval_settings(cfg: Config, device: torch.device | str) -> dict[str, Any]:
-    eps_list = list(cfg.eval.final_eps) or [cfg.attack.eps]
-    primary = cfg.attack.eps if cfg.attack.eps in eps_list else eps_list[0]
+    eps_list = list(cfg.eval.final_eps) or [eval_eps(cfg)]
+    primary = eval_eps(cfg) if eval_eps(cfg) in eps_list else eps_list[0]
     return {"attacks": list(cfg.eval.final_attacks), "eps_list": eps_list, "primary_eps": primary,
             "batch_size": cfg.eval.batch_size, "device": device, "autoattack_limit": cfg.eval.autoattack_limit}
 

@@ -19,7 +19,7 @@ import ray
 import torch
 
 from pipeline import tracking
-from pipeline.config import ConfigError, from_dict
+from pipeline.config import ConfigError, eval_eps, from_dict
 from pipeline.runs import redact, write_summary
 from pipeline.search_space import SearchSpec
 
@@ -208,7 +208,7 @@ def _final_eval(ctx: dict[str, Any], params: dict[str, Any], checkpoint: Any, at
     model.load_prompt_state(state["prompts"], source="search checkpoint")
     model.eval()
     metrics = final_metrics(model, task.test_x, task.test_y, attacks=attacks, eps_list=eps_list,
-                            primary_eps=cfg.attack.eps, batch_size=cfg.eval.batch_size, device=device,
+                            primary_eps=eval_eps(cfg), batch_size=cfg.eval.batch_size, device=device,
                             autoattack_limit=cfg.eval.autoattack_limit)
     buf = io.BytesIO()
     torch.save({"prompts": state["prompts"], "config": cfg.to_dict(), "classnames": task.classnames,
@@ -221,7 +221,7 @@ def final_evaluation(spec: SearchSpec, ctx: dict[str, Any], chosen: list[dict[st
     (trial, eps), all in parallel on the trials' resources, merged per trial."""
     res = spec.search.resources
     task = ray.remote(_final_eval).options(num_cpus=res.get("cpu", 1), num_gpus=res.get("gpu", 0), max_retries=1)
-    eps = [from_dict(ctx["base"]).replace(**row["params"]).attack.eps for row in chosen]
+    eps = [eval_eps(from_dict(ctx["base"]).replace(**row["params"])) for row in chosen]
     jobs = []  # (row index, ref)
     for i, row in enumerate(chosen):
         for e in (sorted({eps[i], *spec.search.final_eps}) if i == 0 else [eps[i]]):

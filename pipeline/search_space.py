@@ -191,6 +191,9 @@ def parse_search(doc: dict[str, Any], source: str = "") -> SearchSpec:
         _check_param_against_config(param, base_cfg)
         _check_when(param, space)
     _check_points(search.points_to_evaluate, space, base_cfg)
+    if "attack.eps" in space and "eval.eps" not in space and base_cfg.eval.eps is None:
+        raise ConfigError("space.attack.eps: the training eps is searched but base.eval.eps is not set, so trials "
+                          "would be scored at different eps; set base.eval.eps (e.g. 1.0)")
     return SearchSpec(base=base, search=search, tracking=tracking, space=space, source=source)
 
 

@@ -22,7 +22,7 @@ import torch
 from . import losses
 from .attacks import build_attack
 from .clip import load_clip
-from .config import Config, ConfigError
+from .config import Config, ConfigError, eval_eps
 from .evaluate import accuracy
 from .prompts import PromptedCLIP
 from .task import TaskData
@@ -251,7 +251,7 @@ def train_epoch(model: PromptedCLIP, cfg: Config, task: TaskData, attack, object
 def evaluate_epoch(model: PromptedCLIP, cfg: Config, task: TaskData, device: torch.device) -> dict[str, float]:
     """Per-epoch monitor: clean accuracy and robust accuracy under ``eval.attack`` (PGD-10 by default)."""
     e = cfg.eval
-    eps = (e.eps if e.eps is not None else cfg.attack.eps) / 255.0
+    eps = eval_eps(cfg) / 255.0
     out = {"clean_acc": accuracy(model, task.test_x, task.test_y, batch_size=e.batch_size, device=device)}
     if e.attack == "none":
         out["robust_acc"] = out["clean_acc"] if eps == 0 else float("nan")

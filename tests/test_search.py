@@ -42,13 +42,15 @@ def local_ray():
 
 @pytest.fixture(scope="module")
 def smoke(local_ray, shards, tmp_path_factory):
-    """4 trials in sequence: #1 eps 0 (robust = clean), #2 eps 64 (robust ~ 0: ASHA stops it after
-    epoch 1), #3 raises at epoch 1 on every attempt (max_failures 1: retried once), #4 sampled by TPE."""
+    """4 trials in sequence: #1 scored at eps 0 (robust = clean), #2 at eps 64 (robust ~ 0: ASHA stops
+    it after epoch 1), #3 raises at epoch 1 on every attempt (max_failures 1: retried once), #4 sampled
+    by TPE. (The evaluation eps is searched here only to make the ASHA decision certain.)"""
     out = tmp_path_factory.mktemp("smoke")
     spec = load_search(SMOKE, [
         f"search.out={out}", f"base.data.path={shards}", "base.data.test_limit=100",
-        "search.num_samples=4", "search.max_concurrent=1", "space.attack.eps.choices=[0.0, 64.0]",
-        "search.points_to_evaluate=[{attack.eps: 0.0, loss.alpha_rule: ratio}, {attack.eps: 64.0}]",
+        "search.num_samples=4", "search.max_concurrent=1", "space.attack.eps=null",
+        "space.eval.eps={type: categorical, choices: [0.0, 64.0]}",
+        "search.points_to_evaluate=[{eval.eps: 0.0, loss.alpha_rule: ratio}, {eval.eps: 64.0}]",
         "search.inject_failure={trial_index: 3, epoch: 1}"])
     summary = run_search(spec)
     doc = json.loads((out / "summary.json").read_text())
@@ -62,11 +64,11 @@ def test_optuna_states_pruned_complete_failed(smoke):
     trials = sorted(smoke["study"].trials, key=lambda t: t.number)
     assert len(trials) == 4
     first, second, third = trials[:3]
-    assert first.params["attack.eps"] == 0.0 and first.state == OK
+    assert first.params["eval.eps"] == 0.0 and first.state == OK
     rows = {r["trial_id"]: r for r in smoke["doc"]["trials"]}
     assert first.values[0] == pytest.approx(rows[first.user_attrs[TUNE_ID_ATTR]]["robust_acc"])  # the final epoch's
     assert set(first.intermediate_values) == {1}  # per-epoch values before the last one
-    assert second.params["attack.eps"] == 64.0 and second.state == PRUNED, (first.intermediate_values, second)
+    assert second.params["eval.eps"] == 64.0 and second.state == PRUNED, (first.intermediate_values, second)
     assert second.values is None  # the stopped trial's partial accuracy did not reach TPE as a result
     assert third.state == FAIL
     assert trials[3].state in (OK, PRUNED)
@@ -113,7 +115,7 @@ def test_parent_run_summary_plots_and_champion(smoke, tmp_path):
     assert tracking.champion_version(uri, "capt-smoke") == doc["mlflow"]["registered_model"]["version"]
     local = tracking.download(uri, "models:/capt-smoke@champion", tmp_path)
     state = torch.load(local / "prompts.pt", weights_only=True)
-    assert state["config"]["attack"]["eps"] == best["params"]["attack.eps"] and state["classnames"][0] == "zero"
+    assert state["config"]["eval"]["eps"] == best["params"]["eval.eps"] and state["classnames"][0] == "zero"
 
 
 def test_a_second_search_with_the_same_name_is_refused(smoke):

@@ -49,6 +49,8 @@ def test_shipped_search_spaces_are_valid(path):
     ({"loss.lam": {"type": "float", "low": 0.1, "high": 1},
       "loss.alpha": {"type": "float", "low": 0, "high": 1, "when": {"loss.lam": 0.5}}},
      r"must be an unconditional categorical"),
+    ({"attack.eps": {"type": "categorical", "choices": [1.0, 4.0]}},
+     r"space\.attack\.eps: the training eps is searched but base\.eval\.eps is not set"),
 ])
 def test_bad_space_is_refused_naming_the_key(space, match):
     with pytest.raises(ConfigError, match=match) as info:
@@ -89,10 +91,12 @@ def test_overrides_reach_every_section_and_dotted_space_keys():
 
 
 def test_unconditional_space_gives_optuna_distributions():
-    spec = load_search(None, tree=doc(**{
+    tree = doc(**{
         "loss.lam": {"type": "float", "low": 0.1, "high": 10.0, "log": True},
         "prompt.depth": {"type": "int", "low": 1, "high": 4},
-        "attack.eps": {"type": "categorical", "choices": [1.0, 2.0]}}))
+        "attack.eps": {"type": "categorical", "choices": [1.0, 2.0]}})
+    tree["base"]["eval"] = {"eps": 1.0}  # searching the training eps needs one evaluation eps
+    spec = load_search(None, tree=tree)
     d = distributions(spec)
     assert d["loss.lam"] == optuna.distributions.FloatDistribution(0.1, 10.0, log=True)
     assert d["prompt.depth"] == optuna.distributions.IntDistribution(1, 4)

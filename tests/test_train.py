@@ -87,3 +87,17 @@ def _stop_after(n):
         if metrics["epoch"] >= n:
             raise _Stop
     return report
+
+
+def test_eval_eps_decides_where_robustness_is_measured(toy_task):
+    """eval.eps, when set, is the eps of the per-epoch monitor and of the final figures (not the training eps)."""
+    from pipeline.protocol import final_evaluation
+
+    cfg = load_config(overrides=["method=advvlp", "optim.epochs=1", "attack.eps=8", "eval.eps=0",
+                                 "eval.final_attacks=[pgd10]", *FAST])
+    result = train(cfg, toy_task)
+    assert result.history[0]["robust_acc"] == result.history[0]["clean_acc"]  # eps 0: no attack at all
+    final = final_evaluation(cfg, result.model, toy_task, "cpu")
+    assert final["pgd10_acc"] == final["clean_acc"] and "pgd10_acc_eps8" not in final
+    strong = final_evaluation(cfg.replace(**{"eval.eps": 64.0}), result.model, toy_task, "cpu")
+    assert strong["pgd10_acc"] < strong["clean_acc"]
