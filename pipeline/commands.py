@@ -48,11 +48,6 @@ def cmd_tiny_clip(args: argparse.Namespace) -> int:
     return 0
 
 
-def _progress(metrics: dict[str, Any], _ckpt: Any) -> None:
-    print(f"epoch {metrics['epoch']}: loss {metrics['loss']:.4f} clean {metrics['clean_acc']:.3f} "
-          f"robust {metrics['robust_acc']:.3f} ({metrics['epoch_time_s']:.1f}s)", flush=True)
-
-
 def cmd_train(args: argparse.Namespace) -> int:
     from .clip import image_size_of
     from .demo import resolve_demo
@@ -66,7 +61,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     size = image_size_of(cfg.model.name)
     task = load_task(cfg.data, size)
     t0 = time.perf_counter()
-    result = train(cfg, task, out_dir=out, report=_progress, device=device)
+    result = train(cfg, task, out_dir=out, device=device)  # train() logs each epoch
     train_s = time.perf_counter() - t0
     print("final evaluation:", ", ".join(cfg.eval.final_attacks) or "clean only", flush=True)
     metrics = final_evaluation(cfg, result.model, task, device, image_size=size)
