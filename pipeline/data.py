@@ -26,7 +26,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 import webdataset as wds
 from braceexpand import braceexpand
@@ -34,6 +33,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset
 from webdataset.tariterators import group_by_keys, tar_file_expander
 
+from pipeline.pixels import to_tensor, to_uint8
 from pipeline.shards import META_NAME, read_meta, validate_meta
 
 log = logging.getLogger(__name__)
@@ -143,36 +143,6 @@ def _check_classes(classes: Sequence[int], num_classes: int | None) -> list[int]
     if any(c < 0 or (num_classes is not None and c >= num_classes) for c in classes):
         raise ValueError(f"classes {classes} outside [0, {num_classes})")
     return classes
-
-
-def to_uint8(image: Image.Image, size: int) -> torch.Tensor:
-    """RGB, shorter side to ``size`` (bicubic), centre crop to ``size``^2, uint8 (3, H, W)."""
-    image = image.convert("RGB")
-    width, height = image.size
-    if min(width, height) != size:  # same rounding as torchvision's Resize(int)
-        short, long = sorted((width, height))
-        new_long = int(size * long / short)
-        new = (size, new_long) if width <= height else (new_long, size)
-        image = image.resize(new, Image.Resampling.BICUBIC)
-        width, height = image.size
-    if (width, height) != (size, size):
-        left, top = int(round((width - size) / 2.0)), int(round((height - size) / 2.0))
-        image = image.crop((left, top, left + size, top + size))
-    return torch.from_numpy(np.ascontiguousarray(np.asarray(image, dtype=np.uint8).transpose(2, 0, 1)))
-
-
-def to_tensor(image: Image.Image, size: int) -> torch.Tensor:
-    """:func:`to_uint8`, as float32 (3, H, W) in [0, 1] (exactly ``as_pixels(to_uint8(...))``)."""
-    array = to_uint8(image, size).numpy()
-    out = np.empty(array.shape, dtype=np.float32)
-    np.divide(array, np.float32(255.0), out=out)  # numpy, not torch: no thread-pool cost per image
-    return torch.from_numpy(out)
-
-
-def as_pixels(x: torch.Tensor) -> torch.Tensor:
-    """Images as float pixels in [0, 1]: uint8 (as held in memory by :func:`load_split`) divided by
-    255, which gives exactly the floats :func:`to_tensor` makes; float input is returned as is."""
-    return x.float().div_(255.0) if x.dtype == torch.uint8 else x
 
 
 class ShardDataset(IterableDataset):

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .config import ConfigError, DataConfig
-from .data import as_pixels
+from .pixels import as_pixels
 
 
 @dataclass
@@ -20,7 +20,7 @@ class TaskData:
     name: str
     classnames: list[str]
     templates: list[str]
-    train_x: torch.Tensor  # (N, 3, H, W): uint8 from shards (see data.as_pixels), or float in [0, 1]
+    train_x: torch.Tensor  # (N, 3, H, W): uint8 from shards (see pixels.as_pixels), or float in [0, 1]
     train_y: torch.Tensor  # (N,) long
     test_x: torch.Tensor
     test_y: torch.Tensor

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 
 from .clip import bare_model, register_model_configs
 from .config import ConfigError
+from .pixels import as_pixels
 
 log = logging.getLogger(__name__)
 
@@ -147,7 +148,7 @@ def tiny_clip_from_shards(data_dir: str | Path, out_file: str | Path, cfg: TinyC
     names, templates = shards_data.class_names(source), list(shards_data.templates(source))
     x, y, _ = shards_data.load_split(source, "train", image_size=size)
     xt, yt, _ = shards_data.load_split(source, "test", image_size=size)
-    x, xt = shards_data.as_pixels(x), shards_data.as_pixels(xt)  # the demo data set is small
+    x, xt = as_pixels(x), as_pixels(xt)  # the demo data set is small
     t0 = time.perf_counter()
     model = train_tiny_clip(x, y, names, templates, cfg, progress=progress)
     seconds = time.perf_counter() - t0

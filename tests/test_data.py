@@ -14,7 +14,7 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader
 
-from pipeline import data, shards
+from pipeline import data, pixels, shards
 from pipeline.data import ShardSource, base_new_split, few_shot_indices, load_split, make_dataset, shard_urls
 from pipeline.shards import read_meta, shards_from_digits, shards_from_folder, write_dataset
 
@@ -54,12 +54,12 @@ def test_round_trip(tiny: Path) -> None:
     assert images.shape == (40, 3, 4, 4) and images.dtype == torch.uint8  # a quarter of float32's memory
     assert labels.dtype == torch.int64 and labels.tolist() == [i % NUM_CLASSES for i in range(40)]
     expected = torch.arange(40, dtype=torch.float32).div(255).view(40, 1, 1, 1).expand_as(images)
-    assert torch.equal(data.as_pixels(images), expected)  # lossless PNG, no resize at the stored size
+    assert torch.equal(pixels.as_pixels(images), expected)  # lossless PNG, no resize at the stored size
     assert stats == {"samples": 40, "skipped_shards": 0, "skipped_samples": 0}
     big, _, _ = load_split(tiny, "train", image_size=9)
     assert big.shape == (40, 3, 9, 9)
     streamed = torch.stack([x for x, _ in make_dataset(tiny, split="train", image_size=9)])  # float path
-    assert streamed.dtype == torch.float32 and torch.equal(data.as_pixels(big), streamed)
+    assert streamed.dtype == torch.float32 and torch.equal(pixels.as_pixels(big), streamed)
 
 
 def test_meta_contents(tiny: Path) -> None:
@@ -278,7 +278,7 @@ def test_urls_and_remote_roots(tiny: Path) -> None:
 def test_transform_matches_torchvision() -> None:
     tv = pytest.importorskip("torchvision.transforms.functional")
     image = Image.fromarray(np.random.default_rng(0).integers(0, 255, (37, 23, 3), dtype=np.uint8))
-    ours = data.to_tensor(image, 16)
+    ours = pixels.to_tensor(image, 16)
     resized = tv.resize(image, 16, interpolation=tv.InterpolationMode.BICUBIC)
     theirs = tv.to_tensor(tv.center_crop(resized, 16))
     assert ours.shape == (3, 16, 16) and torch.allclose(ours, theirs)
