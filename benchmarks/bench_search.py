@@ -5,7 +5,7 @@ Run (about 4 minutes on 2 CPUs; a local Ray with one *logical* GPU, no real GPU 
     RAY_AUTH_MODE=disabled python benchmarks/bench_search.py --out benchmarks/results/bench_search.json
 
 1. Overhead: N trials whose work is a known sleep (``--epochs`` x ``--epoch-s`` seconds, a checkpoint
-   and a report per epoch), run through the product's searcher (``pipeline.search.make_searcher``:
+   and a report per epoch), run through the product's searcher (``pipeline.search_algo.make_searcher``:
    Optuna TPE on SQLite RDB storage behind a ConcurrencyLimiter), ASHA and RunConfig (checkpoints kept
    2). Overhead per trial = (wall x observed concurrency - sum of in-trial times) / N: process start, scheduling,
    Optuna ask/tell, checkpoint persistence. The ``imports`` variant also imports what a real trial
@@ -34,7 +34,7 @@ import torch  # noqa: E402
 from common import ROOT, record  # noqa: E402
 from ray import tune  # noqa: E402
 
-from pipeline.search import make_scheduler, make_searcher  # noqa: E402
+from pipeline.search_algo import make_scheduler, make_searcher  # noqa: E402
 from pipeline.search_space import load_search  # noqa: E402
 
 log = logging.getLogger("bench_search")
@@ -124,7 +124,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     cpus = os.cpu_count() or 2
     load_at_start = [round(v, 2) for v in os.getloadavg()]  # the machine is shared: record how busy it was
-    ray.init(num_cpus=cpus, num_gpus=1, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=cpus, num_gpus=1, include_dashboard=False, log_to_driver=False)
     rows = []
     with tempfile.TemporaryDirectory() as d:
         work = Path(d)

@@ -22,8 +22,8 @@ def init_ray() -> bool:
     address = os.environ.get("RAY_ADDRESS")
     if address:
         ray.init(address=address)
-    else:
-        ray.init(num_cpus=os.cpu_count(), include_dashboard=False)
+    else:  # "local": a new local Ray even when `ray start` left a cluster running on this machine
+        ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False)
     return True
 
 

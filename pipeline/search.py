@@ -27,188 +27,19 @@ os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_
 
 import argparse  # noqa: E402
 import logging  # noqa: E402
-import math  # noqa: E402
 import signal  # noqa: E402
-import tempfile  # noqa: E402
-import warnings  # noqa: E402
 from typing import Any  # noqa: E402
 
-import optuna  # noqa: E402
 import ray  # noqa: E402
-import torch  # noqa: E402
 from ray import tune  # noqa: E402
-from ray.tune.schedulers import ASHAScheduler, FIFOScheduler  # noqa: E402
-from ray.tune.search import ConcurrencyLimiter  # noqa: E402
-from ray.tune.search.optuna import OptunaSearch  # noqa: E402
 
 from pipeline import tracking  # noqa: E402
 from pipeline.config import ConfigError, from_dict  # noqa: E402
-from pipeline.search_space import SearchSpec, load_search, optuna_space  # noqa: E402
+from pipeline.search_algo import TUNE_ID_ATTR, CaptOptunaSearch, make_scheduler, make_searcher  # noqa: E402,F401
+from pipeline.search_space import SearchSpec, load_search  # noqa: E402
+from pipeline.search_trial import CTX, trial_main  # noqa: E402
 
 log = logging.getLogger("pipeline.search")
-CTX = "capt"  # param_space key holding everything a trial needs besides the sampled values
-TUNE_ID_ATTR = "tune_trial_id"
-
-
-# ----------------------------------------------------------------------------- the searcher
-
-class CaptOptunaSearch(OptunaSearch):
-    """OptunaSearch that (1) tolerates results without the objective (it comes at the last epoch only)
-    and tells a trial without it as PRUNED, with one objective or two, (2) tags each Optuna trial with
-    its Tune trial id, and (3) after a restore, reuses Optuna trials that were asked for but never saved
-    in the Tune experiment state (a driver killed in between), so the study holds exactly one Optuna
-    trial per Tune trial."""
-
-    def on_trial_result(self, trial_id: str, result: dict) -> None:
-        if isinstance(self.metric, list) or trial_id in self._completed_trials:
-            return
-        value = result.get(self.metric, result.get(str(self.metric).removeprefix("objective_")))
-        if value is not None and trial_id in self._ot_trials and math.isfinite(value):
-            self._ot_trials[trial_id].report(value, result.get("epoch", result.get("training_iteration", 0)))
-
-    def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
-        # OptunaSearch tells [None, None] for a multi-objective trial without its objectives, which
-        # Optuna rejects (the trial would stay RUNNING): make it PRUNED (or FAIL) as for one objective.
-        if result and isinstance(self.metric, list) and any(result.get(m) is None for m in self.metric):
-            result = None
-        super().on_trial_complete(trial_id, result, error)
-
-    def suggest(self, trial_id: str) -> dict | None:
-        if trial_id not in self._ot_trials and getattr(self, "_orphans", None):
-            number = self._orphans.pop(0)
-            self._ot_trials[trial_id] = optuna.trial.Trial(self._ot_study, number)
-            log.info("reusing Optuna trial %d (asked before the driver stopped) for %s", number, trial_id)
-        config = super().suggest(trial_id)
-        self._ot_trials[trial_id].set_user_attr(TUNE_ID_ATTR, trial_id)
-        return config
-
-    def restore(self, checkpoint_path: str) -> None:
-        super().restore(checkpoint_path)
-        known = {t._trial_id for t in self._ot_trials.values()}
-        running = self._ot_study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,))
-        self._orphans = [t._trial_id for t in running if t._trial_id not in known]
-        if self._orphans:
-            log.info("%d Optuna trial(s) were asked but not recorded by Tune; they will be reused", len(self._orphans))
-            self._ot_study.sampler.reseed_rng()  # else the restored RNG re-draws the orphans' values
-
-
-def make_searcher(spec: SearchSpec, storage: optuna.storages.BaseStorage) -> ConcurrencyLimiter:
-    modes = ["max"] * len(spec.metrics)
-    multi = len(spec.metrics) > 1
-    with warnings.catch_warnings():  # multivariate / group / constant_liar are flagged experimental
-        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        sampler = optuna.samplers.TPESampler(seed=spec.search.seed, multivariate=True, group=spec.conditional,
-                                             constant_liar=True)
-    searcher = CaptOptunaSearch(optuna_space(spec), metric=spec.metrics if multi else spec.metrics[0],
-                                mode=modes if multi else modes[0],
-                                points_to_evaluate=[dict(p) for p in spec.search.points_to_evaluate] or None,
-                                sampler=sampler, study_name=spec.search.name, storage=storage)
-    return ConcurrencyLimiter(searcher, max_concurrent=spec.search.max_concurrent)
-
-
-def make_scheduler(spec: SearchSpec, epochs: int) -> Any:
-    sched = spec.search.scheduler
-    if sched["type"] == "none" or epochs < 1:
-        return FIFOScheduler()
-    return ASHAScheduler(time_attr="epoch", metric="robust_acc", mode="max", max_t=max(epochs, 1),
-                         grace_period=min(int(sched.get("grace_period", 1)), epochs),
-                         reduction_factor=sched.get("reduction_factor", 2))
-
-
-# ----------------------------------------------------------------------------- the trainable
-
-def trial_main(config: dict[str, Any]) -> None:
-    """One Tune trial: build its config, load its data once, train with per-epoch reports."""
-    from pipeline.task import load_task
-    from pipeline.train import train
-
-    ctx = config[CTX]
-    params = {k: v for k, v in config.items() if k != CTX}
-    cfg = from_dict(ctx["base"]).replace(**params)
-    tctx = tune.get_context()
-    trial_id = tctx.get_trial_id()
-    work = Path.cwd() if os.environ.get("RAY_CHDIR_TO_TRIAL_DIR", "1") != "0" else \
-        Path(tempfile.gettempdir()) / "capt-trials" / trial_id
-    run = tracking.TrialRun(ctx["tracking_uri"], ctx["experiment_id"], ctx["parent_run_id"], trial_id,
-                            run_name=tctx.get_trial_name(), tags=ctx["tags"])
-    try:
-        run.log_params({**params, **ctx["fixed_params"]})
-        run.log_config(cfg.to_dict())
-        work.mkdir(parents=True, exist_ok=True)
-        if _report_recorded(run, cfg, ctx, work):  # finished before a driver restart: do not train again
-            run.finish()
-            return
-        task = load_task(cfg.data, ctx["image_size"])
-        resume_from = _restore_checkpoint(work)
-        reporter = _Reporter(ctx, run, trial_id, cfg, task, work)
-        train(cfg, task, report=reporter, out_dir=work, resume_from=resume_from)
-    except Exception as exc:
-        run.set_tags({"error": (str(exc).strip().splitlines() or [type(exc).__name__])[0][:500]})
-        run.finish("FAILED")
-        raise
-
-
-def _restore_checkpoint(work: Path) -> Path | None:
-    checkpoint = tune.get_checkpoint()
-    if checkpoint is None:
-        return None
-    dst = work / "restored"
-    checkpoint.to_directory(str(dst))
-    log.info("trial resumes from its Tune checkpoint %s", checkpoint.path)
-    return dst / "last.pt"
-
-
-def _report_recorded(run: tracking.TrialRun, cfg: Any, ctx: dict[str, Any], work: Path) -> bool:
-    """Report a trial that an earlier driver saw finish (MLflow has its final metrics and prompts)."""
-    recorded = run.recorded_final(work / "recorded")
-    if recorded is None:
-        return False
-    metrics, prompts = recorded
-    state = torch.load(prompts, map_location="cpu", weights_only=True)
-    folder = work / "recorded" / "checkpoint"
-    folder.mkdir(parents=True, exist_ok=True)
-    torch.save({"epoch": cfg.optim.epochs, "prompts": state["prompts"], "config": cfg.to_dict(), "optimizer": {},
-                "history": []}, folder / "last.pt")
-    out = {**metrics, "epoch": cfg.optim.epochs}
-    out.update({f"objective_{n}": metrics[n] for n in ctx["objectives"] if math.isfinite(metrics.get(n, math.nan))})
-    log.info("trial %s already finished before a restart: reporting its recorded result", run.run_id)
-    tune.report(out, checkpoint=tune.Checkpoint.from_directory(str(folder)))
-    return True
-
-
-class _Reporter:
-    """train()'s report callback: MLflow per epoch, then ``tune.report`` with the checkpoint folder."""
-
-    def __init__(self, ctx: dict[str, Any], run: tracking.TrialRun, trial_id: str, cfg: Any, task: Any, work: Path):
-        self.ctx, self.run, self.trial_id, self.cfg, self.task, self.work = ctx, run, trial_id, cfg, task, work
-
-    def __call__(self, metrics: dict[str, Any], ckpt_path: Path | None) -> None:
-        epoch = int(metrics["epoch"])
-        self.run.log_epoch(metrics, epoch)
-        self._maybe_fail(epoch)
-        out = {k: v for k, v in metrics.items() if isinstance(v, int | float)}
-        if epoch >= self.cfg.optim.epochs:  # the final epoch: the searcher's objective, the prompts
-            for name in self.ctx["objectives"]:
-                if math.isfinite(metrics.get(name, math.nan)):
-                    out[f"objective_{name}"] = float(metrics[name])
-            if ckpt_path is not None:
-                self.run.log_file(self._prompts_file(ckpt_path))
-                self.run.mark_final(epoch)
-        checkpoint = tune.Checkpoint.from_directory(str(ckpt_path.parent)) if ckpt_path is not None else None
-        tune.report(out, checkpoint=checkpoint)
-
-    def _maybe_fail(self, epoch: int) -> None:
-        knob = self.ctx.get("inject_failure") or {}
-        index = int(tune.get_context().get_trial_name().split("_")[1])
-        if knob and index == knob.get("trial_index") and epoch >= knob.get("epoch", 1):
-            raise RuntimeError(f"injected failure (search.inject_failure) at epoch {epoch}")
-
-    def _prompts_file(self, ckpt_path: Path) -> Path:
-        state = torch.load(ckpt_path, map_location="cpu", weights_only=True)
-        path = self.work / "prompts.pt"
-        torch.save({"prompts": state["prompts"], "config": self.cfg.to_dict(), "classnames": self.task.classnames,
-                    "templates": self.task.templates}, path)
-        return path
 
 
 class MlflowStatus(tune.Callback):
@@ -305,8 +136,8 @@ def _init_ray(spec: SearchSpec) -> bool:
     if address:
         log.info("connecting to the Ray cluster at %s", address)
         ray.init(address=address)
-    else:
-        ray.init(num_cpus=os.cpu_count(), include_dashboard=False)
+    else:  # "local": a new local Ray even when `ray start` left a cluster running on this machine
+        ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False)
     return True
 
 

@@ -1,0 +1,90 @@
+"""The search's algorithms: the Optuna TPE searcher as Ray Tune sees it, and the ASHA scheduler.
+
+Built from a validated :class:`~pipeline.search_space.SearchSpec` by :func:`make_searcher` and
+:func:`make_scheduler`; ``pipeline/search.py`` (the driver) and the benchmarks use exactly these.
+
+How trials reach Optuna: every epoch reports ``clean_acc`` / ``robust_acc`` (ASHA's metric); only a
+trial's final epoch adds ``objective_<name>``, the searcher's metric. A trial that ASHA stops early
+therefore ends without it and is told to Optuna as PRUNED (not as COMPLETE with a partial accuracy);
+a trial that raises ends as FAIL.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import warnings
+from typing import Any
+
+import optuna
+from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+from ray.tune.search import ConcurrencyLimiter
+from ray.tune.search.optuna import OptunaSearch
+
+from pipeline.search_space import SearchSpec, optuna_space
+
+log = logging.getLogger("pipeline.search")
+TUNE_ID_ATTR = "tune_trial_id"
+
+
+class CaptOptunaSearch(OptunaSearch):
+    """OptunaSearch that (1) tolerates results without the objective (it comes at the last epoch only)
+    and tells a trial without it as PRUNED, with one objective or two, (2) tags each Optuna trial with
+    its Tune trial id, and (3) after a restore, reuses Optuna trials that were asked for but never saved
+    in the Tune experiment state (a driver killed in between), so the study holds exactly one Optuna
+    trial per Tune trial."""
+
+    def on_trial_result(self, trial_id: str, result: dict) -> None:
+        if isinstance(self.metric, list) or trial_id in self._completed_trials:
+            return
+        value = result.get(self.metric, result.get(str(self.metric).removeprefix("objective_")))
+        if value is not None and trial_id in self._ot_trials and math.isfinite(value):
+            self._ot_trials[trial_id].report(value, result.get("epoch", result.get("training_iteration", 0)))
+
+    def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
+        # OptunaSearch tells [None, None] for a multi-objective trial without its objectives, which
+        # Optuna rejects (the trial would stay RUNNING): make it PRUNED (or FAIL) as for one objective.
+        if result and isinstance(self.metric, list) and any(result.get(m) is None for m in self.metric):
+            result = None
+        super().on_trial_complete(trial_id, result, error)
+
+    def suggest(self, trial_id: str) -> dict | None:
+        if trial_id not in self._ot_trials and getattr(self, "_orphans", None):
+            number = self._orphans.pop(0)
+            self._ot_trials[trial_id] = optuna.trial.Trial(self._ot_study, number)
+            log.info("reusing Optuna trial %d (asked before the driver stopped) for %s", number, trial_id)
+        config = super().suggest(trial_id)
+        self._ot_trials[trial_id].set_user_attr(TUNE_ID_ATTR, trial_id)
+        return config
+
+    def restore(self, checkpoint_path: str) -> None:
+        super().restore(checkpoint_path)
+        known = {t._trial_id for t in self._ot_trials.values()}
+        running = self._ot_study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,))
+        self._orphans = [t._trial_id for t in running if t._trial_id not in known]
+        if self._orphans:
+            log.info("%d Optuna trial(s) were asked but not recorded by Tune; they will be reused", len(self._orphans))
+            self._ot_study.sampler.reseed_rng()  # else the restored RNG re-draws the orphans' values
+
+
+def make_searcher(spec: SearchSpec, storage: optuna.storages.BaseStorage) -> ConcurrencyLimiter:
+    modes = ["max"] * len(spec.metrics)
+    multi = len(spec.metrics) > 1
+    with warnings.catch_warnings():  # multivariate / group / constant_liar are flagged experimental
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        sampler = optuna.samplers.TPESampler(seed=spec.search.seed, multivariate=True, group=spec.conditional,
+                                             constant_liar=True)
+    searcher = CaptOptunaSearch(optuna_space(spec), metric=spec.metrics if multi else spec.metrics[0],
+                                mode=modes if multi else modes[0],
+                                points_to_evaluate=[dict(p) for p in spec.search.points_to_evaluate] or None,
+                                sampler=sampler, study_name=spec.search.name, storage=storage)
+    return ConcurrencyLimiter(searcher, max_concurrent=spec.search.max_concurrent)
+
+
+def make_scheduler(spec: SearchSpec, epochs: int) -> Any:
+    sched = spec.search.scheduler
+    if sched["type"] == "none" or epochs < 1:
+        return FIFOScheduler()
+    return ASHAScheduler(time_attr="epoch", metric="robust_acc", mode="max", max_t=max(epochs, 1),
+                         grace_period=min(int(sched.get("grace_period", 1)), epochs),
+                         reduction_factor=sched.get("reduction_factor", 2))
