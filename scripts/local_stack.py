@@ -18,7 +18,8 @@ The credentials are generated into <dir>/stack.env (mode 0600), never printed. A
 Ray head (where the driver runs) has the MLflow credentials and OPTUNA_STORAGE_URL in its environment;
 the worker nodes have only MLFLOW_TRACKING_URI (the driver passes the credentials to the trials).
 All ports derive from --base-port (PostgreSQL +0, MLflow +1, Ray GCS +2, dashboard/jobs +3, client +4,
-per-node ports from +20, worker ports from +200); Ray's temp dir is /tmp/cs<base-port>.
+per-node ports from +20, worker ports from +200); Ray's temp dirs are /tmp/cs<base-port>[w<node>] (one
+per node, as each node of a cluster has its own disk).
 Expected cost: ~1 minute to start on 2 CPUs, ~2.5 GB of memory with two worker nodes.
 """
 
@@ -161,7 +162,8 @@ class Stack:
     def down(self) -> None:
         for name in sorted(self.pids, key=lambda n: (n == "postgres", n == "mlflow", n)):  # Ray first, database last
             self.stop(name, hard=False)
-        shutil.rmtree(self.ray_tmp, ignore_errors=True)
+        for i in range(self.workers + 1):
+            shutil.rmtree(self.ray_tmp + (f"w{i}" if i else ""), ignore_errors=True)
 
     # ------------------------------------------------------------------ one service
     def start(self, name: str) -> None:
@@ -185,8 +187,10 @@ class Stack:
             _wait_http(f"{self.job_address}/api/version", "the Ray head", self.pids[name], self.dir / "logs/head.log")
         elif name.startswith("worker-"):
             i = int(name.split("-", 1)[1])
-            self.pids[name] = _spawn(self._ray_start(i, f"--address=127.0.0.1:{self.ports['gcs']}", "--num-cpus=1"),
-                                     self.worker_env(), log)
+            # its own temp dir, as its own disk on a cluster: nodes sharing one would delete each other's
+            # runtime-env files (the job's working_dir, the driver's current directory) when they clean up
+            self.pids[name] = _spawn(self._ray_start(i, f"--address=127.0.0.1:{self.ports['gcs']}", "--num-cpus=1",
+                                                     f"--temp-dir={self.ray_tmp}w{i}"), self.worker_env(), log)
         else:
             raise StackError(f"unknown service {name!r} (postgres, mlflow, head, worker-N)")
         self.save()
