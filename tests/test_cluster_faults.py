@@ -36,6 +36,7 @@ from pipeline.shards import shards_from_digits
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
 NAME = "faults"
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
 pytestmark = pytest.mark.slow
 
 
@@ -72,9 +73,11 @@ def _sets(st) -> list[str]:
     return [x for k, v in sets.items() for x in ("--set", f"{k}={v}")]
 
 
-def _ray(st, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
-    return subprocess.run([str(BIN / "ray"), "job", *args, "--address", st.job_address], cwd=ROOT,
-                          env=st.client_env(), capture_output=True, text=True, timeout=timeout)
+def _ray(st, sub: str, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+    r = subprocess.run([str(BIN / "ray"), "job", sub, "--address", st.job_address, *args], cwd=ROOT,
+                       env=st.client_env(), capture_output=True, text=True, timeout=timeout)
+    r.stdout, r.stderr = _ANSI.sub("", r.stdout), _ANSI.sub("", r.stderr)
+    return r
 
 
 def _submit(st, sid: str) -> None:
