@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from pathlib import Path
 from typing import Any
 
@@ -170,7 +171,7 @@ class RecordedScheduler(TrialScheduler):
 
     def _append(self, ev: dict[str, Any]) -> None:
         self._seq += 1
-        _append(self.events_path, json.dumps({"seq": self._seq, **ev}) + "\n")
+        _append(self.events_path, json.dumps({"seq": self._seq, "time": round(time.time(), 3), **ev}) + "\n")
 
     def _time(self, result: dict) -> float:
         return float(result.get(getattr(self.inner, "_time_attr", "training_iteration"),
