@@ -231,6 +231,25 @@ def main(argv: list[str] | None = None) -> int:
     except RuntimeError as exc:
         print(f"search: error: {str(exc).strip().splitlines()[0]}", file=sys.stderr)
         return 1
+    except Exception as exc:  # a service gone for longer than its retries: one line naming it
+        service = _service_of(exc)
+        if service is None:
+            raise
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
+        print(f"search: error: {service} failed ({first}); once it is back, run again with --resume", file=sys.stderr)
+        return 1
+
+
+def _service_of(exc: BaseException) -> str | None:
+    """Which of the search's services an exception comes from (None: not a service failure)."""
+    from mlflow.exceptions import MlflowException
+    from sqlalchemy.exc import DBAPIError
+
+    if isinstance(exc, MlflowException):
+        return f"MLflow tracking server {tracking.redact(os.environ.get('MLFLOW_TRACKING_URI', ''))}".rstrip()
+    if isinstance(exc, DBAPIError):
+        return "the Optuna storage database"
+    return None
 
 
 if __name__ == "__main__":

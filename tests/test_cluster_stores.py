@@ -133,3 +133,21 @@ def test_a_stop_leaves_the_stores_truthful_and_resume_repairs(tmp_path):
     fixed = search_resume.reconcile(uri, exp, parent, [{"trial_id": "c", "state": "PRUNED"}])
     run = tracking.MlflowClient(uri).get_run(runs["c"].run_id)
     assert fixed == 1 and run.info.status == "KILLED" and run.data.tags["trial_state"] == "PRUNED"
+
+
+def test_a_service_gone_for_good_ends_the_driver_with_one_line(monkeypatch, capsys):
+    from mlflow.exceptions import MlflowException
+
+    from pipeline import search
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://mlflow:5000")
+
+    def down(args):
+        raise MlflowException("API request to http://mlflow:5000/api/2.0/mlflow/runs/log-batch failed: "
+                              "Max retries exceeded\nlong details")
+
+    monkeypatch.setattr(search, "cmd_search", down)
+    assert search.main(["--config", "search_spaces/smoke.yaml"]) == 1
+    err = [x for x in capsys.readouterr().err.splitlines() if x.strip()]
+    assert len(err) == 1 and err[0].startswith("search: error: MLflow tracking server http://mlflow:5000 failed")
+    assert "--resume" in err[0]
