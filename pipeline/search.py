@@ -100,7 +100,12 @@ def run_search(spec: SearchSpec, *, resume: bool = False) -> dict[str, Any]:
         fixed = search_resume.reconcile(plan.tracking_uri, plan.experiment_id, parent_id, report.trial_rows(grid, spec))
         if fixed:
             log.info("%d trial run(s) left RUNNING by an earlier driver given their final state", fixed)
-        return report.finish(spec, plan, parent_id, storage, grid)
+        try:
+            return report.finish(spec, plan, parent_id, storage, grid)
+        except (KeyboardInterrupt, SystemExit):  # stopped while re-evaluating (SIGTERM: Ray's SystemExit)
+            _mark_interrupted(spec, plan, parent_id, storage)
+            raise KeyboardInterrupt(f"search stopped after its trials; --resume re-evaluates and reports "
+                                    f"({plan.experiment_path})") from None
     finally:
         if started:
             ray.shutdown()
