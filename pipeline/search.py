@@ -79,6 +79,7 @@ def run_search(spec: SearchSpec, *, resume: bool = False) -> dict[str, Any]:
     restorable = tune.Tuner.can_restore(plan.experiment_path)
     report.check_fresh(spec, plan, storage, resume=resume, restorable=restorable)
     started = _init_ray(spec)
+    old_term = _on_sigterm(_interrupt)  # outside tune.fit too (the final re-evaluation): stop, then mark
     try:
         parent_id = report.start_parent(spec, plan)
         trainable = tune.with_resources(trial_main, {"cpu": spec.search.resources.get("cpu", 1),
@@ -107,8 +108,21 @@ def run_search(spec: SearchSpec, *, resume: bool = False) -> dict[str, Any]:
             raise KeyboardInterrupt(f"search stopped after its trials; --resume re-evaluates and reports "
                                     f"({plan.experiment_path})") from None
     finally:
+        _on_sigterm(old_term)
         if started:
             ray.shutdown()
+
+
+def _interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt("SIGTERM")
+
+
+def _on_sigterm(handler: Any) -> Any:
+    """Install a SIGTERM handler (main thread only); returns the previous one."""
+    try:
+        return signal.signal(signal.SIGTERM, handler) if handler is not None else None
+    except ValueError:  # not the main thread: leave signals alone
+        return None
 
 
 def _mark_interrupted(spec: SearchSpec, plan: Any, parent_id: str, storage: Any) -> None:
