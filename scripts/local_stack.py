@@ -201,7 +201,10 @@ class Stack:
         if name == "postgres" and not hard:
             self._pg_ctl("stop", "-m", "fast")
         elif pid and _alive(pid):
+            doomed = descendants(pid) if hard else []  # a lost node takes its Ray workers (own sessions) along
             _signal_group(pid, signal.SIGKILL if hard else signal.SIGTERM)
+            for child in doomed:
+                _signal_group(child, signal.SIGKILL)
         if pid:
             _wait_dead(pid, 60)
 
@@ -324,6 +327,27 @@ class Stack:
 def _spawn(cmd: list[str], env: dict[str, str], log) -> int:
     return subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                             start_new_session=True, cwd="/").pid
+
+
+def parent_of(pid: int) -> int:
+    try:
+        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+    except (OSError, IndexError, ValueError):
+        return 0
+
+
+def descendants(pid: int) -> list[int]:
+    """Every process below ``pid`` (Ray's workers start their own sessions, so a process group misses them)."""
+    children: dict[int, list[int]] = {}
+    for proc in Path("/proc").iterdir():
+        if proc.name.isdigit():
+            children.setdefault(parent_of(int(proc.name)), []).append(int(proc.name))
+    out, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            out.append(child)
+            todo.append(child)
+    return out
 
 
 def _alive(pid: int) -> bool:
