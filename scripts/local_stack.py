@@ -49,6 +49,10 @@ class StackError(RuntimeError):
     """The stack cannot start (names the service and why)."""
 
 
+class StackUnavailable(StackError):
+    """This machine cannot run the stack at all (no PostgreSQL server binaries, no user to run them as)."""
+
+
 class Stack:
     """One local stack, described by its folder (``stack.json``: ports, pids; ``stack.env``: credentials)."""
 
@@ -211,7 +215,7 @@ class Stack:
     def _ray_start(self, i: int, *args: str) -> list[str]:
         return [str(BIN / "ray"), "start", "--block", "--disable-usage-stats", *args, *self.node_ports(i)]
 
-    def wait_nodes(self, n: int, timeout: float = 180) -> None:
+    def wait_nodes(self, n: int, timeout: float = 600) -> None:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.alive_nodes() >= n:
@@ -240,7 +244,7 @@ class Stack:
         found = shutil.which("pg_ctl")
         if found:
             return Path(found).parent
-        raise StackError("PostgreSQL: no server binaries (initdb, pg_ctl) found; install Debian's `postgresql` "
+        raise StackUnavailable("PostgreSQL: no server binaries (initdb, pg_ctl) found; install Debian's `postgresql` "
                          "package or set CAPT_PG_BIN to their folder")
 
     def _as_pg_user(self) -> list[str]:
@@ -252,7 +256,7 @@ class Stack:
         try:
             pw = pwd.getpwnam("postgres")
         except KeyError:
-            raise StackError("PostgreSQL: running as root and there is no `postgres` user to run the server as") from None
+            raise StackUnavailable("PostgreSQL: running as root and there is no `postgres` user to run the server as") from None
         for path in (self.dir / "pg", self.dir):
             os.chown(path, pw.pw_uid, pw.pw_gid) if path.name == "pg" else os.chmod(path, 0o711)
         return ["runuser", "-u", "postgres", "--"]
@@ -309,7 +313,7 @@ class Stack:
                "--port", str(self.ports["mlflow"]), "--workers", "1", "--serve-artifacts",
                "--artifacts-destination", (self.dir / "artifacts").as_uri()]
         pid = _spawn(cmd, env, log)
-        _wait_http(f"{self.mlflow_url}/health", "MLflow", pid, self.dir / "logs" / "mlflow.log", timeout=180)
+        _wait_http(f"{self.mlflow_url}/health", "MLflow", pid, self.dir / "logs" / "mlflow.log", timeout=600)
         return pid
 
     # ------------------------------------------------------------------ what users read
@@ -383,7 +387,7 @@ def _wait_dead(pid: int, timeout: float) -> None:
         _signal_group(pid, signal.SIGKILL)
 
 
-def _wait_http(url: str, what: str, pid: int, log: Path, timeout: float = 120) -> None:
+def _wait_http(url: str, what: str, pid: int, log: Path, timeout: float = 600) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if not _alive(pid):

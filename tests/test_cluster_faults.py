@@ -61,10 +61,13 @@ def stack():
     st = mod.Stack(folder, base_port=int(os.environ.get("CAPT_FAULT_BASE_PORT", "21100")), workers=2)
     try:
         st.up()
-    except mod.StackError as exc:
+    except mod.StackUnavailable as exc:  # this machine cannot run it: say why
         st.down()
         shutil.rmtree(folder, ignore_errors=True)
         pytest.skip(f"local stack unavailable: {exc}")
+    except mod.StackError:  # it should have started: a failure, with the logs kept
+        st.down()
+        raise
     shards_from_digits(st.shared / "digits", progress=False)
     yield st
     for k in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"):
