@@ -33,12 +33,13 @@ ENV PIP_DISABLE_PIP_VERSION_CHECK=1 \
 
 # 1) Dependencies, in their own layer so that code changes rebuild in seconds: install the project against
 #    the lock (as pip constraints) from a stub package, then drop the stub.
-#    psycopg2-binary: PostgreSQL driver for the Optuna storage and the MLflow server; boto3: MLflow's S3 client.
+#    The PostgreSQL driver (psycopg 3, URIs postgresql+psycopg://) and MLflow's basic-auth app (mlflow[auth])
+#    come with the project's dependencies (requirements.lock); boto3: MLflow's S3 client.
 #    torchattacks 3.5.1 pins requests~=2.25 (conflicts with ray/mlflow): installed without its pins; what it
 #    really needs (torch, torchvision, scipy, tqdm) is already there.
 COPY --chown=1000:100 pyproject.toml requirements.lock README.md ./
 RUN mkdir -p pipeline && touch pipeline/__init__.py \
- && pip install --no-cache-dir -c requirements.lock . psycopg2-binary==2.9.13 boto3==1.44.5 \
+ && pip install --no-cache-dir -c requirements.lock . boto3==1.44.5 \
  && pip install --no-cache-dir --no-deps torchattacks==3.5.1 \
  && pip uninstall -y capt-pipeline \
  && rm -rf pipeline build ./*.egg-info
@@ -50,7 +51,7 @@ COPY --chown=1000:100 search_spaces/ search_spaces/
 COPY --chown=1000:100 configs/ configs/
 RUN pip install --no-cache-dir --no-deps . \
  && rm -rf build ./*.egg-info \
- && python -c "import pipeline, ray, torch, open_clip, torchattacks, optuna, mlflow, psycopg2, boto3"
+ && python -c "import pipeline, ray, torch, open_clip, torchattacks, optuna, mlflow, psycopg, flask_wtf, boto3"
 
 # No HEALTHCHECK: KubeRay probes the Ray processes itself; the MLflow Deployment has HTTP probes.
 # No CMD: KubeRay and k8s/mlflow.yaml set the command.

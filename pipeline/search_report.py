@@ -18,7 +18,7 @@ import optuna
 import ray
 import torch
 
-from pipeline import tracking
+from pipeline import search_stores, tracking
 from pipeline.config import ConfigError, eval_eps, from_dict
 from pipeline.runs import redact, write_summary
 from pipeline.search_space import SearchSpec
@@ -50,7 +50,7 @@ def prepare(spec: SearchSpec) -> Plan:
     base = resolve_base(spec.base)
     storage = spec.search.storage_path or str(out / "ray_results")
     storage = storage if "://" in storage else str(Path(storage).expanduser().resolve())
-    optuna_url = spec.search.optuna_storage or f"sqlite:///{out / 'optuna.db'}"
+    optuna_url = search_stores.optuna_url(spec.search.optuna_storage, out)
     exp_id = tracking.ensure_experiment(uri, spec.tracking.experiment or spec.search.name, out / "mlartifacts")
     name = from_dict(base).model.name
     return Plan(out=out, base=base, storage_path=storage, experiment_path=f"{storage.rstrip('/')}/{spec.search.name}",
@@ -97,11 +97,8 @@ def image_size(model_name: str) -> int:
 
 
 def optuna_storage(url: str) -> optuna.storages.BaseStorage:
-    kwargs = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {"pool_pre_ping": True}
-    try:
-        return optuna.storages.RDBStorage(url, engine_kwargs=kwargs)
-    except Exception as exc:
-        raise ConfigError(f"search.optuna_storage: cannot open {redact(url)}: {str(exc).splitlines()[0][:200]}") from None
+    """The study's storage (PostgreSQL calls retried across a restart): ``pipeline/search_stores.py``."""
+    return search_stores.optuna_storage(url)
 
 
 def check_fresh(spec: SearchSpec, plan: Plan, storage: Any, *, resume: bool, restorable: bool) -> None:

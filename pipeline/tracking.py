@@ -76,7 +76,15 @@ def probe(uri: str, timeout_s: int = 5) -> None:
         try:
             MlflowClient(tracking_uri=uri).search_experiments(max_results=1)
         except Exception as exc:  # connection refused, DNS, auth, bad database URL ...
-            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+            text = str(exc)
+            code = next((c for c in ("401", "403") if f"error code {c}" in text or f"status code {c}" in text), None)
+            if code:
+                who = f"user {os.environ['MLFLOW_TRACKING_USERNAME']!r}" if os.environ.get("MLFLOW_TRACKING_USERNAME") \
+                    else "no credentials"
+                raise ConfigError(f"MLflow tracking server {redact(uri)} refused the request (HTTP {code}, {who}); "
+                                  "set MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD to a user of that "
+                                  "server") from None
+            first = (text.strip().splitlines() or [type(exc).__name__])[0][:200]
             raise ConfigError(f"MLflow tracking store {redact(uri)} is unreachable ({first}); start it or set "
                               "tracking.uri / MLFLOW_TRACKING_URI") from None
 
@@ -131,6 +139,17 @@ def start_parent(uri: str, experiment_id: str, *, search_key: str, run_name: str
 
 def finish_run(uri: str, run_id: str, status: str = "FINISHED") -> None:
     MlflowClient(tracking_uri=uri).set_terminated(run_id, status=status)
+
+
+def set_run_status(uri: str, run_id: str, status: str, tags: dict[str, Any] | None = None) -> None:
+    """Set a run's status (RUNNING / FINISHED / KILLED / FAILED) and tags, e.g. to repair a stopped search."""
+    client = MlflowClient(tracking_uri=uri)
+    if tags:
+        retry(client.log_batch, run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
+    if status == "RUNNING":
+        retry(client.update_run, run_id, status=status)
+    else:
+        retry(client.set_terminated, run_id, status=status)
 
 
 def log_metrics(uri: str, run_id: str, metrics: dict[str, Any], step: int = 0) -> None:

@@ -413,6 +413,76 @@ def ray_findings(obj: dict) -> list[str]:
             found.append("runtimeEnvYAML must hold string env_vars only (code and working dir come from the image)")
         if "$(" in spec["entrypoint"]:
             found.append("$(...) in the entrypoint is bash command substitution in the submitter, not a variable")
+        if "${" in spec["entrypoint"]:
+            found.append("${...} in the entrypoint reaches the driver unexpanded (Ray keeps the quotes): the driver "
+                         "reads OPTUNA_STORAGE_URL from its environment instead")
         if "--resume" not in spec["entrypoint"].split():
             found.append("the entrypoint lacks --resume: a retry would start the search over")
+    return found
+
+
+# ---------------------------------------------------------------- database drivers and network policies
+def postgres_driver(uri: str) -> str | None:
+    """The SQLAlchemy driver a PostgreSQL URI names (None for a bare postgresql://, whose meaning depends on
+    the SQLAlchemy version: psycopg2 before 2.1, psycopg 3 since)."""
+    m = re.match(r"postgres(?:ql)?(?:\+(\w+))?://", uri)
+    return m[1] if m else None
+
+
+def labels_of(obj: dict, where: str) -> dict:
+    """The pod labels of the pod template that pod_specs() calls ``where``."""
+    if obj["kind"] in ("Deployment", "StatefulSet"):
+        return obj["spec"]["template"]["metadata"]["labels"]
+    for spec in cluster_specs(obj):
+        if where.endswith(" head"):
+            return spec["headGroupSpec"]["template"]["metadata"]["labels"]
+        for group in spec.get("workerGroupSpecs", []):
+            if where.endswith(f" worker {group['groupName']}"):
+                return group["template"]["metadata"]["labels"]
+    if where.endswith(" submitter"):
+        return obj["spec"]["submitterPodTemplate"]["metadata"]["labels"]
+    raise KeyError(where)
+
+
+def _pods(objs: list[dict], selector: dict) -> set[str]:
+    match = selector.get("matchLabels", {})
+    return {where for o in objs for where, _ in pod_specs(o) if match.items() <= labels_of(o, where).items()}
+
+
+def policy_target(objs: list[dict], policy: dict) -> str:
+    hits = _pods(objs, policy["spec"]["podSelector"])
+    return next(iter(hits)) if len(hits) == 1 else f"{len(hits)} pods"
+
+
+def policy_sources(objs: list[dict], policy: dict) -> set[str]:
+    return {where for rule in policy["spec"].get("ingress", []) for peer in rule.get("from", [])
+            for where in _pods(objs, peer.get("podSelector", {}))}
+
+
+def network_policy_findings(objs: list[dict]) -> list[str]:
+    """Each policy selects exactly one workload's pods, restricts ingress, names ports that the pods
+    expose, and every peer selector matches some pod (a typo would silently lock everyone out)."""
+    found = []
+    for pol in (o for o in objs if o["kind"] == "NetworkPolicy"):
+        name, spec = pol["metadata"]["name"], pol["spec"]
+        targets = _pods(objs, spec["podSelector"])
+        if len(targets) != 1:
+            found.append(f"NetworkPolicy {name} selects {len(targets)} pod templates")
+            continue
+        if "Ingress" not in spec.get("policyTypes", []) or not spec.get("ingress"):
+            found.append(f"NetworkPolicy {name} does not restrict ingress")
+        target = next(iter(targets))
+        pod = next(p for o in objs for w, p in pod_specs(o) if w == target)
+        ports = {p["containerPort"] for c in pod["containers"] for p in c.get("ports", [])}
+        for rule in spec.get("ingress", []):
+            if not rule.get("from"):
+                found.append(f"NetworkPolicy {name}: an ingress rule without `from` admits every pod")
+            for peer in rule.get("from", []):
+                if "namespaceSelector" in peer or "ipBlock" in peer:
+                    found.append(f"NetworkPolicy {name}: a peer outside the namespace's pods")
+                elif not _pods(objs, peer.get("podSelector", {})):
+                    found.append(f"NetworkPolicy {name}: peer {peer} matches no pod")
+            for port in rule.get("ports", []):
+                if port.get("port") not in ports:
+                    found.append(f"NetworkPolicy {name}: port {port.get('port')} is no port of {target}")
     return found

@@ -70,7 +70,8 @@ def copied(path: str) -> bool:
 # ------------------------------------------------------------------ rendering
 def test_platform_and_search_render_the_expected_objects():
     required = {f"Namespace-{NAMESPACE}", "ConfigMap-capt-settings", "PersistentVolumeClaim-capt-shared",
-                "PersistentVolumeClaim-capt-models", "Service-mlflow", "Deployment-mlflow", "RayCluster-capt"}
+                "PersistentVolumeClaim-capt-models", "Service-mlflow", "Deployment-mlflow", "RayCluster-capt",
+                "NetworkPolicy-mlflow-from-ray", "NetworkPolicy-postgres-from-capt", "NetworkPolicy-minio-from-mlflow"}
     optional = {"Service-postgres", "StatefulSet-postgres", "Service-minio", "StatefulSet-minio"}  # managed ones
     assert required <= {ids(o) for o in PLATFORM} <= required | optional
     assert len(PLATFORM) == len({ids(o) for o in PLATFORM})
@@ -320,8 +321,82 @@ def test_mlflow_tracking_uri_service_and_allowed_hosts():
         assert kr.host_allowed(hosts, host), host
     assert not kr.host_allowed(["mlflow", "localhost"], "mlflow:5000")  # the port is part of the Host header
     assert "--serve-artifacts" in args and "--artifacts-destination=s3://$(MLFLOW_ARTIFACTS_BUCKET)/mlflow" in args
-    env = {e["name"]: e for e in container(MLFLOW, "mlflow")["env"]}
-    assert env["MLFLOW_BACKEND_STORE_URI"]["value"].startswith("postgresql://$(POSTGRES_USER):$(POSTGRES_PASSWORD)@")
+
+
+# ------------------------------------------------------------------ what the local stack proved (issue 16)
+LOCK = dict(line.split("==") for line in (REPO / "requirements.lock").read_text().split() if "==" in line)
+STACK = (REPO / "scripts" / "local_stack.py").read_text()
+
+
+def _env(obj: dict, name: str) -> dict:
+    return {e["name"]: e for e in container(obj, name)["env"]}
+
+
+def test_postgres_uris_name_the_installed_driver_everywhere():
+    """A bare postgresql:// means psycopg 3 with SQLAlchemy 2.1 and psycopg2 before: the URIs name psycopg 3,
+    which the lock (so the image) installs; psycopg2 is neither installed nor named anywhere."""
+    assert "psycopg" in LOCK and "psycopg-binary" in LOCK and LOCK["SQLAlchemy"].startswith("2.")
+    uris = [_env(MLFLOW, "mlflow")["MLFLOW_BACKEND_STORE_URI"]["value"],
+            _env(MLFLOW, "bootstrap")["MLFLOW_BACKEND_STORE_URI"]["value"],
+            *[_env(o, "ray-head")["OPTUNA_STORAGE_URL"]["value"] for o in (RAYCLUSTER, RAYJOB)]]
+    assert uris and all(kr.postgres_driver(u) == "psycopg" for u in uris), uris
+    assert {kr.postgres_driver(u) for u in re.findall(r"postgresql[+\w]*://", STACK)} == {"psycopg"}
+    for text in (DOCKERFILE, yaml.safe_dump_all(RENDERED), README):
+        assert "psycopg2" not in text
+    assert kr.postgres_driver("postgresql://u:$(P)@h/db") is None and kr.postgres_driver("postgresql+psycopg2://h")
+
+
+def test_search_reads_its_stores_from_the_environment_no_shell_expansion():
+    """The RayJob entrypoint passes no credential or ${VAR}: the driver reads OPTUNA_STORAGE_URL and the
+    MLflow user from the head's environment, and passes the MLflow user to the trials itself."""
+    from pipeline.search_stores import FORWARDED_ENV, OPTUNA_ENV
+
+    entry = RAYJOB["spec"]["entrypoint"]
+    assert "${" not in entry and "$(" not in entry and "optuna_storage" not in entry
+    assert "optuna_storage=${" not in README_FLAT and "optuna_storage=$" not in README_FLAT
+    for obj in (RAYCLUSTER, RAYJOB):
+        head = _env(obj, "ray-head")
+        assert {OPTUNA_ENV, "MLFLOW_TRACKING_URI", "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"} <= set(head)
+        assert head["MLFLOW_TRACKING_PASSWORD"]["valueFrom"]["secretKeyRef"]["name"] == "capt-mlflow-auth"
+        assert {"MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"} <= set(FORWARDED_ENV)
+        assert int(head["RAY_JOB_STOP_WAIT_TIME_S"]["value"]) >= 30  # Ray's default 3 s kills the driver mid-stop
+        worker = _env(obj, "ray-worker")  # the workers get no credentials: the driver forwards them
+        assert "MLFLOW_TRACKING_PASSWORD" not in worker and OPTUNA_ENV not in worker
+    assert f'"{OPTUNA_ENV}"' in STACK or f"'{OPTUNA_ENV}'" in STACK
+
+
+def test_mlflow_server_requires_authentication_with_credentials_from_a_secret():
+    args = container(MLFLOW, "mlflow")["args"]
+    assert "--app-name=basic-auth" in args
+    env = _env(MLFLOW, "mlflow")
+    for name in ("MLFLOW_AUTH_ADMIN_USERNAME", "MLFLOW_AUTH_ADMIN_PASSWORD", "MLFLOW_FLASK_SERVER_SECRET_KEY"):
+        assert env[name]["valueFrom"]["secretKeyRef"]["name"] == "capt-mlflow-auth", name
+    assert env["MLFLOW_AUTH_ADMIN_USERNAME"]["valueFrom"]["secretKeyRef"]["key"] == "MLFLOW_TRACKING_USERNAME"
+    ini = env["MLFLOW_AUTH_CONFIG_PATH"]["value"]  # written by the init container into an in-memory volume
+    pod = MLFLOW["spec"]["template"]["spec"]
+    mount = next(m for m in container(MLFLOW, "mlflow")["volumeMounts"] if ini.startswith(m["mountPath"] + "/"))
+    volume = next(v for v in pod["volumes"] if v["name"] == mount["name"])
+    assert volume["emptyDir"]["medium"] == "Memory"
+    assert ini in container(MLFLOW, "bootstrap")["args"][0]
+    assert "--app-name" in STACK and "basic-auth" in STACK and "MLFLOW_AUTH_ADMIN_PASSWORD" in STACK
+    assert "mlflow[auth]" in (REPO / "pyproject.toml").read_text() and "Flask-WTF" in LOCK
+
+
+def test_network_policies_let_only_ray_pods_reach_the_stores():
+    policies = [o for o in PLATFORM if o["kind"] == "NetworkPolicy"]
+    assert kr.network_policy_findings(PLATFORM) == []
+    allowed = {kr.policy_target(PLATFORM, p): kr.policy_sources(PLATFORM, p) for p in policies}
+    ray = {"RayCluster/capt head", "RayCluster/capt worker gpu"}
+    assert allowed["Deployment/mlflow"] == ray
+    assert allowed["StatefulSet/postgres"] == ray | {"Deployment/mlflow"}
+    assert allowed["StatefulSet/minio"] == {"Deployment/mlflow"}
+    for where, _pod in kr.pod_specs(RAYJOB):  # the RayJob's cluster is let in too (same labels)
+        if "submitter" not in where:
+            assert kr.labels_of(RAYJOB, where)["app.kubernetes.io/name"] == "capt-ray"
+    broken = copy.deepcopy(PLATFORM)
+    one(broken, "NetworkPolicy", "mlflow-from-ray")["spec"]["ingress"][0]["from"][0]["podSelector"][
+        "matchLabels"] = {"app.kubernetes.io/name": "capt-raay"}
+    assert kr.network_policy_findings(broken)
 
 
 # ------------------------------------------------------------------ KubeRay
@@ -347,8 +422,8 @@ def _spec(o):
     lambda o: o["spec"].update(shutdownAfterJobFinishes=False),
     lambda o: o["spec"].update(clusterSelector={"ray.io/cluster": "capt"}),
     lambda o: o["spec"].update(runtimeEnvYAML="working_dir: .\n"),
-    lambda o: o["spec"].update(entrypoint=o["spec"]["entrypoint"].replace("${OPTUNA_STORAGE_URL}",
-                                                                          "$(OPTUNA_STORAGE_URL)")),
+    lambda o: o["spec"].update(entrypoint=o["spec"]["entrypoint"] + " --set 'search.optuna_storage=${OPTUNA_STORAGE_URL}'"),
+    lambda o: o["spec"].update(entrypoint=o["spec"]["entrypoint"] + " --set search.optuna_storage=$(OPTUNA_STORAGE_URL)"),
     lambda o: o["spec"].update(entrypoint=o["spec"]["entrypoint"].replace("--resume", "")),
 ])
 def test_kuberay_checker_catches_broken_specs(breaker):
@@ -372,7 +447,7 @@ def test_rayjob_entrypoint_runs_a_script_and_config_shipped_in_the_image():
     config = argv[argv.index("--config") + 1]
     sets = dict(argv[i + 1].split("=", 1) for i, a in enumerate(argv) if a == "--set")
     assert sets["search.storage_path"].startswith("/mnt/shared/")
-    assert sets["search.optuna_storage"] == "${OPTUNA_STORAGE_URL}"  # expanded by the shell on the head
+    assert "search.optuna_storage" not in sets  # read from OPTUNA_STORAGE_URL by the driver
     assert "OPTUNA_STORAGE_URL" in {e["name"] for e in container(RAYJOB, "ray-head")["env"]}
     assert copied("pipeline/search.py") and copied(config), "the Dockerfile must COPY the script and config"
     assert f"--config {config}" in README_FLAT, "README's ray job submit should use the same config"

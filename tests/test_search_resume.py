@@ -21,6 +21,9 @@ from mlflow import MlflowClient
 
 from pipeline import tracking
 from pipeline.search import TUNE_ID_ATTR
+from pipeline.search_algo import make_scheduler
+from pipeline.search_resume import EVENTS_FILE
+from pipeline.search_space import load_search
 from pipeline.shards import shards_from_digits
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -127,6 +130,23 @@ def test_driver_killed_then_resumed_loses_and_duplicates_nothing(shards, ray_tmp
         steps = [m.step for m in client.get_metric_history(run.info.run_id, "robust_acc")]
         if run.data.tags["trial_id"] in finished_ids:  # completed before the kill: not run again
             assert steps == sorted(set(steps)) and steps[0] == 1, steps
+    assert_asha_as_uninterrupted(out / "ray_results" / "smoke", load_search(ROOT / SMOKE, []), epochs=2)
+
+
+def assert_asha_as_uninterrupted(experiment: Path, spec, epochs: int) -> None:
+    """The decisions the drivers took (before and after the restart) are those of one fresh ASHA replaying
+    the same results in the same order: the resumed driver had the rungs of the killed one."""
+    events = [json.loads(x) for x in (experiment / EVENTS_FILE).read_text().splitlines() if x.strip()]
+    assert [e["event"] for e in events].count("result") >= 3
+    fresh = make_scheduler(spec, epochs)
+    for e in events:
+        trial = type("Trial", (), {"trial_id": e["trial_id"]})()
+        if e["event"] == "add":
+            fresh.on_trial_add(None, trial)
+        elif e["event"] == "result":
+            assert fresh.on_trial_result(None, trial, e["result"]) == e["decision"], e
+        elif e["event"] == "complete":
+            fresh.on_trial_complete(None, trial, e["result"])
 
 
 @pytest.mark.slow  # about 2 minutes on 2 busy cores (a Ray head with its dashboard, then the job)
