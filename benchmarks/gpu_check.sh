@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The first real run on a GPU, in ONE device call: GPU tests, then the step and TAPT benchmarks.
 #
-#   bash benchmarks/gpu_check.sh                          # on the GPU machine; ~5 min expected, 7 min cap
+#   bash benchmarks/gpu_check.sh                          # on the GPU machine; ~5 min expected, 7.75 min cap
 #   GPU_CHECK_DEVICE=cpu OUT=/tmp/gc bash benchmarks/gpu_check.sh   # CPU dry run: capt-tiny, tiny sizes
 #
 # Needs the wheels of benchmarks/gpu_wheels.sh in ./.whl (carried to the GPU machine: see
@@ -9,9 +9,9 @@
 # a hang costs only its stage; a failed stage does not stop the next ones:
 #   wheels    install .whl/*.whl into /tmp/site (the device README's exact pip command)         30 s
 #   env       imports, versions, GPU, measured bf16 matmul ceiling                               45 s
-#   tests     pytest -m gpu tests/test_gpu.py (ViT-B/16, random weights)                        120 s
+#   tests     pytest -m gpu tests/test_gpu*.py (ViT-B/16, random weights; 45 s per test at most) 120 s
 #   step      bench_step.py eager: ViT-B/16 CAPT PGD-2 bf16 batch 32, MFU, memory, largest batch 90 s
-#   compiled  bench_step.py with regional torch.compile                                          90 s
+#   compiled  bench_step.py with regional torch.compile (most of it is compiling)               120 s
 #   tapt      bench_tapt.py ViT-B/16, 64 views: ms per image, batched vs one by one, fp32 + bf16   60 s
 # Every figure lands as JSON in $OUT (at most 8 files, flat): env.json, tests.xml, step.json,
 # compiled.json, tapt_fp32.json, tapt_bf16.json, summary.json, log.txt; summary.json holds each stage's
@@ -35,7 +35,7 @@ export PYTHONPATH="$SITE:$PWD${PYTHONPATH:+:$PYTHONPATH}" PY SITE
 
 if [ "$DEVICE" = cuda ]; then
   MODEL=ViT-B-16; BATCH=32; FIT="32 64"; ROUNDS=5; MINSEC=0.2; THREADS=8; MARK=gpu
-  TAPT=(--classes 100 --images 32 --views 64 --tau 0.1 --batch-sizes 1 8 16 --repeats 2)
+  TAPT=(--classes 100 --images 16 --views 64 --tau 0.1 --batch-sizes 1 8 16 --repeats 2)
 else  # dry run: the same commands on capt-tiny with tiny sizes (checks the script, not the GPU)
   MODEL=capt-tiny; BATCH=4; FIT="4 8"; ROUNDS=1; MINSEC=0; THREADS=1; MARK="not gpu and not slow"
   TAPT=(--classes 10 --images 4 --views 8 --tau 0.25 --batch-sizes 1 4 --repeats 1)
@@ -65,13 +65,16 @@ stage wheels 30 bash -c 'ls .whl/*.whl >/dev/null 2>&1 || { echo "no .whl/*.whl:
   "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" .whl/*.whl'
 stage env 45 "$PY" benchmarks/gpu_env.py --device "$DEVICE" --out "$OUT/env.json"
 # cuda: the gpu-marked tests; the CPU dry run: the CPU halves of the same tests
-stage tests 120 "$PY" -m pytest -q -p no:cacheprovider -m "$MARK" tests/test_gpu.py -rs --junitxml="$OUT/tests.xml"
+# -v: each test's verdict reaches log.txt as it ends; -o timeout: pytest-timeout (on the GPU machine) stops a
+# hanging test, not the stage, so tests.xml is still written
+stage tests 120 "$PY" -m pytest -v -p no:cacheprovider -o timeout=$((45 * SCALE)) -m "$MARK" \
+  tests/test_gpu.py tests/test_gpu_attacks.py -rs --junitxml="$OUT/tests.xml"
 STEP=(benchmarks/bench_step.py --model "$MODEL" --device "$DEVICE" --amp --batch "$BATCH" --classes 100
       --steps 2 --objectives capt --rounds "$ROUNDS" --min-seconds "$MINSEC" --threads "$THREADS"
       --peak-tflops 790 --profile-below 0.35)
 # shellcheck disable=SC2086
 stage step 90 "$PY" "${STEP[@]}" --compile off --max-batch --fit-sizes $FIT --out "$OUT/step.json"
-stage compiled 90 "$PY" "${STEP[@]}" --compile on --no-components --fused-only --out "$OUT/compiled.json"
+stage compiled 120 "$PY" "${STEP[@]}" --compile on --no-components --fused-only --out "$OUT/compiled.json"
 stage tapt 60 bash -c "$PY benchmarks/bench_tapt.py --model $MODEL --device $DEVICE ${TAPT[*]} \
   --threads $THREADS --out $OUT/tapt_fp32.json && \
   $PY benchmarks/bench_tapt.py --model $MODEL --device $DEVICE ${TAPT[*]} --threads $THREADS --amp \
