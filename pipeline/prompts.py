@@ -164,8 +164,9 @@ def class_logits(clip: nn.Module, img: torch.Tensor, text: torch.Tensor) -> torc
     """logit_scale * img @ text.T (+ bias) for normalised features (B, E) x (C, E) -> (B, C), in float32.
 
     Always float32, also under bf16 autocast: bf16 keeps 8 significant bits, so logits of 16 to 128
-    (logit_scale up to 100) would be rounded to steps of 0.125 to 0.5, enough to blur the KL terms
-    between nearby predictions; this product is B x E x C, negligible next to the towers.
+    (logit_scale up to 100) would be rounded to steps of 0.125 to 0.5, a floor under the KL terms
+    between nearby predictions; this product is B x E x C, negligible next to the towers. (On random
+    weights the towers' own bf16 rounding dominates the step's error: tests/test_gpu.py.)
     """
     with no_autocast(img.device):
         out = clip.logit_scale.exp().float() * img.float() @ text.float().t()
