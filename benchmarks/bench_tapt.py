@@ -22,21 +22,15 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import logging
-import os
-import platform
-import shlex
-import sys
 import time
-from datetime import datetime, timezone
 from pathlib import Path
 
+import open_clip
 import torch
+from common import record  # puts the repo on sys.path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
-
-from pipeline.clip import load_clip  # noqa: E402
+from pipeline.clip import load_clip, register_model_configs  # noqa: E402
 from pipeline.config import ModelConfig, PromptConfig  # noqa: E402
 from pipeline.prompts import PromptedCLIP  # noqa: E402
 from pipeline.tapt import Tapt, TaptConfig, tune_sequential  # noqa: E402
@@ -114,15 +108,6 @@ def measure(model: PromptedCLIP, cfg: TaptConfig, images: torch.Tensor, batch_si
     return rows
 
 
-def machine(device: torch.device) -> dict:
-    info = {"platform": platform.platform(), "python": platform.python_version(), "torch": torch.__version__,
-            "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-            "load_average": [round(v, 2) for v in os.getloadavg()]}
-    if device.type == "cuda":
-        info["gpu"] = torch.cuda.get_device_name(device)
-    return info
-
-
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default="capt-tiny")
@@ -148,9 +133,8 @@ def main(argv: list[str] | None = None) -> int:
     device = torch.device(args.device)
     settings = [(args.views, args.tau)] if args.views else [(int(v), float(t)) for v, t in
                                                             (s.split(":") for s in args.settings)]
-    probe = load_clip(ModelConfig(name=args.model))
-    depth = args.depth or min(9, len(probe.model.visual.transformer.resblocks))
-    del probe
+    register_model_configs()
+    depth = args.depth or min(9, open_clip.get_model_config(args.model)["vision_cfg"]["layers"])
     model = build(args.model, args.design, depth, args.classes, device)
     size = model.image_size
     images = torch.rand(args.images, 3, size, size, generator=torch.Generator().manual_seed(0)).to(device)
@@ -164,14 +148,10 @@ def main(argv: list[str] | None = None) -> int:
     for r in rows:
         log.info("%-16s %6d %5d %5d %10.2f %10.2f %8.2f", r["mode"], r["views"], r["keep"], r["batch"],
                  r["images_per_s"], r["ms_per_image"], r["speedup"])
-    record = {"command": shlex.join([Path(sys.executable).name, *sys.argv]), "machine": machine(device),
-              "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-              "setup": {"model": args.model, "device": str(device), "design": args.design, "depth": depth,
-                        "classes": args.classes, "images": args.images, "repeats": args.repeats,
-                        "threads": args.threads, "amp": amp},
-              "results": rows}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(record, indent=2) + "\n")
+    setup = {"model": args.model, "device": str(device), "design": args.design, "depth": depth,
+             "classes": args.classes, "images": args.images, "repeats": args.repeats, "threads": args.threads,
+             "amp": amp, "clock": "wall time" + (" (synchronized)" if device.type == "cuda" else "")}
+    record(args.out, device, setup, rows)
     log.info("wrote %s", args.out)
     return 0
 

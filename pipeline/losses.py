@@ -60,9 +60,9 @@ def _alpha_rule(name: str) -> Callable[[AlphaRule], AlphaRule]:
 
 
 @_alpha_rule("fixed")
-def alpha_fixed(*, alpha: float, **_: object) -> torch.Tensor:
-    """A constant alpha."""
-    return torch.tensor(float(alpha))
+def alpha_fixed(*, alpha: float, l_train: torch.Tensor | None = None, **_: object) -> torch.Tensor:
+    """A constant alpha, made on ``l_train``'s device (filled there: no host-to-device copy per step)."""
+    return torch.full((), float(alpha), device=None if l_train is None else l_train.device)
 
 
 @_alpha_rule("ratio")

@@ -23,6 +23,7 @@ text-tower work; ``benchmarks/bench_text.py`` measures it).
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -114,10 +115,14 @@ class _TextTower:
         self.batch_first = getattr(t.transformer, "batch_first", True)
         self.ln_final = t.ln_final
         self.projection = t.text_projection
-        self.attn_mask = t.attn_mask
+        self._tower = t  # attn_mask is read through it: Module.to() replaces buffers (parameters stay)
         self.pool_type = t.pool_type if hasattr(clip, "text") else clip.text_pool_type
         self.eos_id = getattr(t, "eos_id", None) if hasattr(clip, "text") else getattr(clip, "text_eos_id", None)
         self.width = self.token_embedding.weight.shape[1]
+
+    @property
+    def attn_mask(self) -> torch.Tensor | None:
+        return self._tower.attn_mask
 
     def eot_index(self, tokens: torch.Tensor) -> torch.Tensor:
         if self.pool_type == "argmax":
@@ -148,6 +153,27 @@ class _TextTower:
         return pooled @ self.projection
 
 
+def no_autocast(device: torch.device) -> contextlib.AbstractContextManager:
+    """Autocast switched off on ``device`` (a no-op where the device type has no autocast)."""
+    if torch.amp.is_autocast_available(device.type):
+        return torch.autocast(device.type, enabled=False)
+    return contextlib.nullcontext()
+
+
+def class_logits(clip: nn.Module, img: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
+    """logit_scale * img @ text.T (+ bias) for normalised features (B, E) x (C, E) -> (B, C), in float32.
+
+    Always float32, also under bf16 autocast: bf16 keeps 8 significant bits, so logits of 16 to 128
+    (logit_scale up to 100) would be rounded to steps of 0.125 to 0.5, a floor under the KL terms
+    between nearby predictions; this product is B x E x C, negligible next to the towers. (On random
+    weights the towers' own bf16 rounding dominates the step's error: tests/test_gpu.py.)
+    """
+    with no_autocast(img.device):
+        out = clip.logit_scale.exp().float() * img.float() @ text.float().t()
+        bias = getattr(clip, "logit_bias", None)
+        return out + bias.float() if bias is not None else out
+
+
 def _trim(tokens: torch.Tensor, eot: torch.Tensor, enabled: bool) -> torch.Tensor:
     return tokens[:, : int(eot.max()) + 1] if enabled else tokens
 
@@ -163,8 +189,10 @@ class PromptedCLIP(nn.Module):
         self.clip, self.tokenizer, self.cfg, self.trim = loaded.model, loaded.tokenizer, cfg, trim_context
         self.spec = DESIGNS[cfg.design]
         self.text_tower = _TextTower(self.clip)
-        self.register_buffer("mean", torch.tensor(loaded.mean).view(1, 3, 1, 1), persistent=False)
-        self.register_buffer("std", torch.tensor(loaded.std).view(1, 3, 1, 1), persistent=False)
+        # on the CLIP's device from the start: the label space (tokens, text features) is built below
+        device = self.clip.logit_scale.device
+        self.register_buffer("mean", torch.tensor(loaded.mean, device=device).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(loaded.std, device=device).view(1, 3, 1, 1), persistent=False)
         self.image_size = loaded.image_size
         visual = self.clip.visual
         self.n_vision_layers = len(visual.transformer.resblocks) if hasattr(visual, "transformer") else 0
@@ -284,11 +312,8 @@ class PromptedCLIP(nn.Module):
         return pooled, captured
 
     def logits(self, images: torch.Tensor, text_features: torch.Tensor, *, prompted: bool = True) -> torch.Tensor:
-        """logit_scale * cos(image, class text) (+ bias), (B, C)."""
-        img = self.image_features(images, prompted=prompted)
-        out = self.clip.logit_scale.exp() * img @ text_features.t()
-        bias = getattr(self.clip, "logit_bias", None)
-        return out + bias if bias is not None else out
+        """logit_scale * cos(image, class text) (+ bias), (B, C), in float32 (see :func:`class_logits`)."""
+        return class_logits(self.clip, self.image_features(images, prompted=prompted), text_features)
 
     def frozen_logits(self, images: torch.Tensor) -> torch.Tensor:
         """The pre-trained CLIP with hand-written templates (the consistency guide)."""

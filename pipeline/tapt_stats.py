@@ -41,7 +41,7 @@ from tqdm import tqdm
 from .attacks import Attack
 from .config import ConfigError
 from .pixels import as_pixels
-from .prompts import FixedTextClassifier, PromptedCLIP
+from .prompts import FixedTextClassifier, PromptedCLIP, no_autocast
 
 PUBLISHED_LAYERS = tuple(range(8))  # official code: blocks 0..7 (ALIGN_LAYER_FROM=0, ALIGN_LAYER_TO - 1 = 8)
 
@@ -204,11 +204,15 @@ def _text(model: PromptedCLIP, deep: Sequence[torch.Tensor]) -> torch.Tensor:
 
 
 def scaled_logits(model: PromptedCLIP, img: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
-    """(B, K, E) image features x text (B, C, E) per image or (C, E) shared -> (B, K, C)."""
-    sim = torch.einsum("bke,bce->bkc", img, text) if text.ndim == 3 else img @ text.t()
-    out = model.clip.logit_scale.exp() * sim
-    bias = getattr(model.clip, "logit_bias", None)
-    return out + bias if bias is not None else out
+    """(B, K, E) image features x text (B, C, E) per image or (C, E) shared -> (B, K, C), in float32
+    also under bf16 autocast (as :func:`pipeline.prompts.class_logits`: the view selection ranks
+    entropies of these logits)."""
+    with no_autocast(img.device):
+        img, text = img.float(), text.float()
+        sim = torch.einsum("bke,bce->bkc", img, text) if text.ndim == 3 else img @ text.t()
+        out = model.clip.logit_scale.exp().float() * sim
+        bias = getattr(model.clip, "logit_bias", None)
+        return out + bias.float() if bias is not None else out
 
 
 def batched_forward(model: PromptedCLIP, params: dict[str, torch.Tensor], views: torch.Tensor,

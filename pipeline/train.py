@@ -24,7 +24,7 @@ from .attacks import build_attack
 from .clip import load_clip
 from .config import Config, ConfigError, eval_eps
 from .evaluate import accuracy
-from .prompts import PromptedCLIP
+from .prompts import PromptedCLIP, class_logits
 from .task import TaskData
 
 log = logging.getLogger(__name__)
@@ -98,11 +98,7 @@ class Step:
         return self.features("clean"), self.features("adv")
 
     def logits(self, which: str) -> torch.Tensor:
-        def run() -> torch.Tensor:
-            out = self.model.clip.logit_scale.exp() * self.features(which) @ self.text.t()
-            bias = getattr(self.model.clip, "logit_bias", None)
-            return out + bias if bias is not None else out
-        return self._get(f"logits_{which}", run)
+        return self._get(f"logits_{which}", lambda: class_logits(self.model.clip, self.features(which), self.text))
 
     def pair_logits(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Tuned logits of (clean, adversarial) images, from :meth:`pair_features`."""
