@@ -31,26 +31,31 @@ import os
 import secrets
 import shutil
 import signal
-import subprocess
 import sys
 import time
-import urllib.error
 import urllib.request
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # its sibling, also when loaded by path (the tests)
+from stack_parts import (  # noqa: E402, F401
+    PG_USER,
+    StackError,
+    StackUnavailable,
+    alive,
+    descendants,
+    parent_of,
+    pg_ctl,
+    signal_group,
+    spawn,
+    start_postgres,
+    wait_dead,
+    wait_http,
+)
+
 BIN = Path(sys.executable).parent
 ROOT = Path(__file__).resolve().parent.parent
-PG_USER, PG_DBS = "capt", ("mlflow", "optuna")
 # never handed to the stack's processes from the caller's shell (each gets exactly what its pod would)
 _SCRUB = ("MLFLOW_", "OPTUNA_", "RAY_ADDRESS", "RAY_AUTH", "PGPASSWORD")
-
-
-class StackError(RuntimeError):
-    """The stack cannot start (names the service and why)."""
-
-
-class StackUnavailable(StackError):
-    """This machine cannot run the stack at all (no PostgreSQL server binaries, no user to run them as)."""
 
 
 class Stack:
@@ -130,7 +135,7 @@ class Stack:
 
     # ------------------------------------------------------------------ up / down
     def up(self) -> None:
-        if self.meta_path.is_file() and any(_alive(p) for p in self.pids.values()):
+        if self.meta_path.is_file() and any(alive(p) for p in self.pids.values()):
             raise StackError(f"a stack already runs from {self.dir}; `down` it first")
         for sub in ("pg", "artifacts", "shared", "logs"):
             (self.dir / sub).mkdir(parents=True, exist_ok=True)
@@ -171,29 +176,29 @@ class Stack:
 
     # ------------------------------------------------------------------ one service
     def start(self, name: str) -> None:
-        if name in self.pids and _alive(self.pids[name]):
+        if name in self.pids and alive(self.pids[name]):
             return
         if name == "postgres":  # its log: pg/server.log (the server's user writes it)
-            self.pids[name] = self._start_postgres()
+            self.pids[name] = start_postgres(self.dir, self.ports['postgres'], self.secrets()['PG_PASSWORD'])
             self.save()
             return
         log = (self.dir / "logs" / f"{name}.log").open("a")
         if name == "mlflow":
             self.pids[name] = self._start_mlflow(log)
         elif name == "head":
-            self.pids[name] = _spawn(self._ray_start(0, "--head", "--num-cpus=0", "--include-dashboard=true",
+            self.pids[name] = spawn(self._ray_start(0, "--head", "--num-cpus=0", "--include-dashboard=true",
                                                      "--dashboard-host=127.0.0.1",
                                                      f"--dashboard-port={self.ports['dashboard']}",
                                                      f"--ray-client-server-port={self.ports['client']}",
                                                      f"--port={self.ports['gcs']}", f"--temp-dir={self.ray_tmp}"),
                                      self.head_env(), log)
             self.save()
-            _wait_http(f"{self.job_address}/api/version", "the Ray head", self.pids[name], self.dir / "logs/head.log")
+            wait_http(f"{self.job_address}/api/version", "the Ray head", self.pids[name], self.dir / "logs/head.log")
         elif name.startswith("worker-"):
             i = int(name.split("-", 1)[1])
             # its own temp dir, as its own disk on a cluster: nodes sharing one would delete each other's
             # runtime-env files (the job's working_dir, the driver's current directory) when they clean up
-            self.pids[name] = _spawn(self._ray_start(i, f"--address=127.0.0.1:{self.ports['gcs']}", "--num-cpus=1",
+            self.pids[name] = spawn(self._ray_start(i, f"--address=127.0.0.1:{self.ports['gcs']}", "--num-cpus=1",
                                                      f"--temp-dir={self.ray_tmp}w{i}"), self.worker_env(), log)
         else:
             raise StackError(f"unknown service {name!r} (postgres, mlflow, head, worker-N)")
@@ -203,14 +208,14 @@ class Stack:
         """Stop one service: SIGTERM (SIGKILL with hard=True, e.g. a node lost) to its process group."""
         pid = self.pids.get(name)
         if name == "postgres" and not hard:
-            self._pg_ctl("stop", "-m", "fast")
-        elif pid and _alive(pid):
+            pg_ctl(self.dir, "stop", "-m", "fast")
+        elif pid and alive(pid):
             doomed = descendants(pid) if hard else []  # a lost node takes its Ray workers (own sessions) along
-            _signal_group(pid, signal.SIGKILL if hard else signal.SIGTERM)
+            signal_group(pid, signal.SIGKILL if hard else signal.SIGTERM)
             for child in doomed:
-                _signal_group(child, signal.SIGKILL)
+                signal_group(child, signal.SIGKILL)
         if pid:
-            _wait_dead(pid, 60)
+            wait_dead(pid, 60)
 
     def _ray_start(self, i: int, *args: str) -> list[str]:
         return [str(BIN / "ray"), "start", "--block", "--disable-usage-stats", *args, *self.node_ports(i)]
@@ -234,69 +239,6 @@ class Stack:
         summary = doc.get("data", {}).get("summary", [])
         return sum(1 for n in summary if n.get("raylet", {}).get("state") == "ALIVE")
 
-    # ------------------------------------------------------------------ PostgreSQL
-    def _pg_bin(self) -> Path:
-        if os.environ.get("CAPT_PG_BIN"):
-            return Path(os.environ["CAPT_PG_BIN"])
-        debian = sorted(Path("/usr/lib/postgresql").glob("*/bin/pg_ctl"), key=lambda p: int(p.parts[-3]))
-        if debian:
-            return debian[-1].parent
-        found = shutil.which("pg_ctl")
-        if found:
-            return Path(found).parent
-        raise StackUnavailable("PostgreSQL: no server binaries (initdb, pg_ctl) found; install Debian's `postgresql` "
-                         "package or set CAPT_PG_BIN to their folder")
-
-    def _as_pg_user(self) -> list[str]:
-        """initdb and postgres refuse to run as root: as root, run them as the `postgres` system user."""
-        if os.geteuid() != 0:
-            return []
-        import pwd
-
-        try:
-            pw = pwd.getpwnam("postgres")
-        except KeyError:
-            raise StackUnavailable("PostgreSQL: running as root and there is no `postgres` user to run the server as") from None
-        for path in (self.dir / "pg", self.dir):
-            os.chown(path, pw.pw_uid, pw.pw_gid) if path.name == "pg" else os.chmod(path, 0o711)
-        return ["runuser", "-u", "postgres", "--"]
-
-    def _pg_ctl(self, *args: str) -> subprocess.CompletedProcess:
-        cmd = [*self._as_pg_user(), str(self._pg_bin() / "pg_ctl"), "-D", str(self.dir / "pg" / "data"), *args]
-        return subprocess.run(cmd, capture_output=True, text=True, timeout=120)
-
-    def _start_postgres(self) -> int:
-        data, user = self.dir / "pg" / "data", self._as_pg_user()
-        if not (data / "PG_VERSION").is_file():
-            pwfile = self.dir / "pg" / "pwfile"
-            pwfile.write_text(self.secrets()["PG_PASSWORD"] + "\n")
-            if user:
-                shutil.chown(pwfile, "postgres")
-            pwfile.chmod(0o600)
-            r = subprocess.run([*user, str(self._pg_bin() / "initdb"), "-D", str(data), "-U", PG_USER, "-A",
-                                "scram-sha-256", f"--pwfile={pwfile}", "-E", "UTF8", "--no-instructions"],
-                               capture_output=True, text=True, timeout=300)
-            pwfile.unlink()
-            if r.returncode:
-                raise StackError(f"PostgreSQL: initdb failed: {(r.stderr or r.stdout).strip().splitlines()[-1]}")
-        opts = f"-p {self.ports['postgres']} -k {self.dir / 'pg'} -c listen_addresses=127.0.0.1"
-        r = self._pg_ctl("start", "-w", "-t", "60", "-l", str(self.dir / "pg" / "server.log"), "-o", opts)
-        if r.returncode:
-            raise StackError(f"PostgreSQL: pg_ctl start failed: {(r.stderr or r.stdout).strip().splitlines()[-1]}")
-        self._create_databases()
-        pid = int((data / "postmaster.pid").read_text().split()[0])
-        return pid
-
-    def _create_databases(self) -> None:
-        import psycopg
-
-        s = self.secrets()
-        with psycopg.connect(host="127.0.0.1", port=self.ports["postgres"], user=PG_USER, password=s["PG_PASSWORD"],
-                             dbname="postgres", autocommit=True, connect_timeout=10) as conn:
-            for db in PG_DBS:
-                if conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", (db,)).fetchone() is None:
-                    conn.execute(f'CREATE DATABASE "{db}"')
-
     # ------------------------------------------------------------------ MLflow
     def _start_mlflow(self, log) -> int:
         s = self.secrets()
@@ -312,8 +254,8 @@ class Stack:
         cmd = [str(BIN / "mlflow"), "server", "--app-name", "basic-auth", "--host", "127.0.0.1",
                "--port", str(self.ports["mlflow"]), "--workers", "1", "--serve-artifacts",
                "--artifacts-destination", (self.dir / "artifacts").as_uri()]
-        pid = _spawn(cmd, env, log)
-        _wait_http(f"{self.mlflow_url}/health", "MLflow", pid, self.dir / "logs" / "mlflow.log", timeout=600)
+        pid = spawn(cmd, env, log)
+        wait_http(f"{self.mlflow_url}/health", "MLflow", pid, self.dir / "logs" / "mlflow.log", timeout=600)
         return pid
 
     # ------------------------------------------------------------------ what users read
@@ -323,87 +265,7 @@ class Stack:
                 f"--set search.out={self.shared}/runs/{name} --resume")
 
     def status(self) -> dict[str, str]:
-        return {name: ("up" if _alive(pid) else "down") for name, pid in sorted(self.pids.items())}
-
-
-# ----------------------------------------------------------------------------- processes
-
-def _spawn(cmd: list[str], env: dict[str, str], log) -> int:
-    return subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                            start_new_session=True, cwd="/").pid
-
-
-def parent_of(pid: int) -> int:
-    try:
-        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
-    except (OSError, IndexError, ValueError):
-        return 0
-
-
-def descendants(pid: int) -> list[int]:
-    """Every process below ``pid`` (Ray's workers start their own sessions, so a process group misses them)."""
-    children: dict[int, list[int]] = {}
-    for proc in Path("/proc").iterdir():
-        if proc.name.isdigit():
-            children.setdefault(parent_of(int(proc.name)), []).append(int(proc.name))
-    out, todo = [], [pid]
-    while todo:
-        for child in children.get(todo.pop(), []):
-            out.append(child)
-            todo.append(child)
-    return out
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except OSError:
-        return False
-    try:  # a zombie is dead
-        return Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"
-    except OSError:
-        return True
-
-
-def _signal_group(pid: int, sig: int) -> None:
-    try:
-        os.killpg(os.getpgid(pid), sig)
-    except OSError:
-        try:
-            os.kill(pid, sig)
-        except OSError:
-            pass
-
-
-def _wait_dead(pid: int, timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while _alive(pid) and time.monotonic() < deadline:
-        try:
-            os.waitpid(pid, os.WNOHANG)
-        except ChildProcessError:
-            pass
-        time.sleep(0.3)
-    if _alive(pid):
-        _signal_group(pid, signal.SIGKILL)
-
-
-def _wait_http(url: str, what: str, pid: int, log: Path, timeout: float = 600) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if not _alive(pid):
-            tail = log.read_text(errors="ignore").strip().splitlines()[-1:] if log.is_file() else []
-            raise StackError(f"{what} exited at start: {tail[0] if tail else 'see ' + str(log)}")
-        try:
-            with urllib.request.urlopen(url, timeout=3) as resp:
-                if resp.status == 200:
-                    return
-        except urllib.error.HTTPError as exc:
-            if exc.code in (401, 403):  # up, and asking for credentials
-                return
-        except OSError:
-            pass
-        time.sleep(1)
-    raise StackError(f"{what} did not answer at {url} within {timeout:.0f} s (log: {log})")
+        return {name: ("up" if alive(pid) else "down") for name, pid in sorted(self.pids.items())}
 
 
 # ----------------------------------------------------------------------------- command line
