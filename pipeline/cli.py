@@ -25,9 +25,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = p.add_subparsers(dest="command", required=True)
 
-    s = sub.add_parser("shards", help="image folder or the digits demo -> WebDataset shards + meta.json")
+    s = sub.add_parser("shards", help="image folder or a demo data set -> WebDataset shards + meta.json")
     s.add_argument("--from-folder", help="DIR/<class name>/<image> tree")
-    s.add_argument("--demo", choices=["digits"], help="scikit-learn's bundled handwritten digits")
+    s.add_argument("--demo", choices=["digits", "fashion"],
+                   help="digits: scikit-learn's bundled handwritten digits; fashion: Fashion-MNIST from its IDX "
+                        "files (Debian package dataset-fashion-mnist; official train/test split plus a val split)")
+    s.add_argument("--source", help="fashion: folder of the IDX .gz files (default $CAPT_FASHION_MNIST, else "
+                                    "/usr/share/datasets/fashion-mnist)")
+    s.add_argument("--val-per-class", type=int, default=100,
+                   help="fashion: images per class carved from the official train split into `val` (0: none)")
+    s.add_argument("--limit", type=int, default=None, help="fashion: first N images of each official split only")
     s.add_argument("--out", required=True)
     s.add_argument("--test-fraction", type=float, default=None)
     s.add_argument("--shard-size", type=int, default=None, help="samples per shard")

@@ -23,9 +23,16 @@ def cmd_shards(args: argparse.Namespace) -> int:
     from . import shards
 
     if bool(args.from_folder) == bool(args.demo):
-        raise ConfigError("capt shards: give exactly one of --from-folder DIR or --demo digits")
+        raise ConfigError("capt shards: give exactly one of --from-folder DIR or --demo digits|fashion")
     t0 = time.perf_counter()
-    if args.demo:
+    if args.demo == "fashion":
+        from .fashion import shards_from_fashion
+
+        meta = shards_from_fashion(args.out, source=getattr(args, "source", None), seed=args.seed,
+                                   val_per_class=getattr(args, "val_per_class", 100),
+                                   limit=getattr(args, "limit", None), shard_size=args.shard_size or 5000,
+                                   overwrite=args.overwrite)
+    elif args.demo:
         meta = shards.shards_from_digits(args.out, test_fraction=args.test_fraction or 0.3, seed=args.seed,
                                          shard_size=args.shard_size or 500, overwrite=args.overwrite)
     else:
