@@ -44,9 +44,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=c.cmd_shards)
 
     s = sub.add_parser("tiny-clip", help="train a small CLIP from scratch on shards (offline demo model)")
-    s.add_argument("--data", required=True)
+    s.add_argument("--data", required=True, nargs="+",
+                   help="shards folder(s); several are trained together (union of their classes)")
     s.add_argument("--out", required=True, help="FILE.pt")
-    s.add_argument("--model", default="capt-small")
+    s.add_argument("--model", default="capt-small", help="capt-tiny | capt-small | capt-base or any open_clip name")
     s.add_argument("--steps", type=int, default=500)
     s.add_argument("--batch-size", type=int, default=64)
     s.add_argument("--seed", type=int, default=0)

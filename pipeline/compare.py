@@ -24,6 +24,7 @@ from pipeline import tracking
 from pipeline.compare_plan import PROTOCOLS, load_compare  # noqa: F401  (re-exported: the plan's API)
 from pipeline.compare_stats import paired_comparisons, paired_markdown
 from pipeline.compare_table import COLUMNS, aggregate, cross_average, honesty_problems, to_csv, to_markdown
+from pipeline.compare_tuning import apply_tuned, run_tuning, tuning_notes
 from pipeline.runs import write_summary
 
 log = logging.getLogger(__name__)
@@ -46,7 +47,8 @@ def run_compare(plan: dict[str, Any]) -> dict[str, Any]:
     ctx = {"uri": uri, "experiment_id": exp_id, "parent_id": parent_id, "out": str(out),
            "cpus": s["resources"].get("cpu", 1), "tapt": plan.get("tapt")}
     t0 = time.perf_counter()
-    cells = run_cells(plan["cells"], ctx, s)
+    chosen = run_tuning(plan["tuning"], out) if plan.get("tuning") else {}
+    cells = run_cells(apply_tuned(plan["cells"], chosen), ctx, s)
     if plan.get("tapt"):
         cells += run_cells(_tapt_cells(plan, cells), ctx, s)
     methods = plan["methods"] + sorted({c["method"] for c in cells if c["method"] not in plan["methods"]})
@@ -54,14 +56,16 @@ def run_compare(plan: dict[str, Any]) -> dict[str, Any]:
     problems = honesty_problems(cells)
     link = f"{uri}#/experiments/{exp_id}/runs/{{run_id}}" if uri.startswith("http") else None
     paired = _paired(plan, cells, methods)
-    (out / "table.md").write_text(to_markdown(rows, run_link=link, spread="ci95") + f"\n{SPREAD_NOTE}\n\n"
-                                  + (paired_markdown(paired) if paired else ""))
+    notes = [SPREAD_NOTE + "\n", tuning_notes(chosen), paired_markdown(paired) if paired else ""]
+    (out / "table.md").write_text(to_markdown(rows, run_link=link, spread="ci95") + "\n"
+                                  + "\n".join(n for n in notes if n))
     (out / "table.csv").write_text(to_csv(rows))
     for name in ("table.md", "table.csv"):
         tracking.log_artifact(uri, parent_id, out / name)
     tracking.finish_run(uri, parent_id)
     summary = {"cells": [{k: c[k] for k in ("method", "protocol", "seed", "metrics", "run_id")} for c in cells],
-               "honesty_problems": problems, "paired_comparisons": paired, "wall_seconds": time.perf_counter() - t0,
+               "honesty_problems": problems, "paired_comparisons": paired, "tuning": chosen,
+               "wall_seconds": time.perf_counter() - t0,
                "mlflow_ui": tracking.ui_command(uri), "table": str(out / "table.md")}
     write_summary(out, command="compare", config={"source": plan["source"], **plan["doc"]}, metrics={},
                   **summary)

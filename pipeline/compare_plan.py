@@ -3,7 +3,8 @@
 A compare file (``configs/compare/*.yaml``) holds a shared ``base`` config, the ``methods`` with their
 overrides, ``seeds``, the ``protocols`` (``few_shot``: all classes, evaluated on the test split and
 zero-shot on ``data.cross_datasets``; ``base_to_new``: trained on the base half of the classes,
-evaluated on base and new) and an optional ``tapt`` stage. No Ray, no MLflow here.
+evaluated on base and new), an optional ``tapt`` stage and an optional ``tuning`` stage
+(:mod:`pipeline.compare_tuning`). No Ray, no MLflow here.
 """
 
 from __future__ import annotations
@@ -12,10 +13,11 @@ import copy
 from pathlib import Path
 from typing import Any
 
+from pipeline.compare_tuning import tuning_docs
 from pipeline.config import ConfigError, from_dict, read_yaml, set_dotted
 
 PROTOCOLS = {"few_shot": {}, "base_to_new": {"data": {"classes": "base"}}}
-_TOP = {"base", "methods", "seeds", "protocols", "tapt", "compare", "tracking"}
+_TOP = {"base", "methods", "seeds", "protocols", "tapt", "compare", "tracking", "tuning"}
 
 
 def load_compare(path: str | Path, overrides: list[str]) -> dict[str, Any]:
@@ -49,8 +51,10 @@ def load_compare(path: str | Path, overrides: list[str]) -> dict[str, Any]:
     settings = {"name": "compare", "out": "runs/compare", "resources": {"cpu": 1, "gpu": 0}, "max_concurrent": 2,
                 **(doc.get("compare") or {})}
     settings["out"] = str(Path(settings["out"]).resolve())
-    return {"cells": cells, "methods": list(methods), "settings": settings, "tapt": doc.get("tapt"),
+    plan = {"cells": cells, "methods": list(methods), "settings": settings, "tapt": doc.get("tapt"),
             "tracking": doc.get("tracking") or {}, "source": str(Path(path).resolve()), "doc": doc}
+    plan["tuning"] = tuning_docs(plan)  # validated now, before anything runs
+    return plan
 
 
 def _protocols(value: Any) -> dict[str, dict[str, Any]]:

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from pipeline import data, fashion
 from pipeline.cli import main
@@ -69,3 +70,41 @@ def test_env_var_points_at_the_files(tmp_path: Path, monkeypatch) -> None:
     monkeypatch.setenv(fashion.ENV_VAR, str(tmp_path / "idx"))
     meta = fashion.shards_from_fashion(tmp_path / "s", val_per_class=0, progress=False)
     assert set(meta["splits"]) == {"train", "test"} and meta["splits"]["train"]["count"] == 20
+
+
+def test_tiny_clip_on_fashion_and_digits_together(tmp_path: Path, monkeypatch, capsys) -> None:
+    """The stronger demo CLIP's path, at a tiny setting: two data sets, per-data-set zero-shot accuracy."""
+    from pipeline import demo
+    from pipeline.shards import shards_from_digits
+
+    _fake_idx(tmp_path / "idx", n_train=40, n_test=20)
+    monkeypatch.setenv(fashion.ENV_VAR, str(tmp_path / "idx"))
+    digits = tmp_path / "cache" / "digits"
+    shards_from_digits(digits, image_size=16, test_fraction=0.05, progress=False)
+    monkeypatch.setattr(demo, "ensure_demo", lambda root=None, progress=True: demo.DemoAssets(
+        shards=digits, checkpoint=tmp_path / "unused.pt", model_name="capt-small", zero_shot_acc=None))
+    monkeypatch.setattr(demo, "BASE_MODEL", "capt-tiny")
+    monkeypatch.setattr(demo, "BASE_TRAINING", {"steps": 2, "batch_size": 8, "warmup": 1})
+    assets = demo.ensure_base(tmp_path / "cache", progress=False)
+    assert assets.checkpoint.is_file() and assets.shards == tmp_path / "cache" / "fashion-mnist"
+    acc = assets.zero_shot_acc
+    assert set(acc) == {"fashion-mnist", "digits"} and all(0.0 <= v <= 1.0 for v in acc.values())
+    stamp = assets.checkpoint.stat().st_mtime_ns
+    assert demo.ensure_base(tmp_path / "cache", progress=False).checkpoint.stat().st_mtime_ns == stamp  # cached
+    out = tmp_path / "two.pt"
+    assert main(["tiny-clip", "--data", str(tmp_path / "cache" / "fashion-mnist"), str(digits), "--out", str(out),
+                 "--model", "capt-tiny", "--steps", "1", "--batch-size", "4"]) == 0
+    assert out.is_file() and "fashion-mnist" in capsys.readouterr().out
+
+
+def test_class_captions_per_class_templates() -> None:
+    import open_clip
+
+    from pipeline.tinyclip import _class_captions
+
+    tok = open_clip.get_tokenizer("ViT-B-32")
+    tokens, counts = _class_captions(tok, ["a", "b"], [["x {}.", "y {}."], ["z {}."]])
+    assert tokens.shape[:2] == (2, 2) and counts.tolist() == [2, 1]
+    assert torch.equal(tokens[1, 0], tokens[1, 1])  # padded by repetition, never a foreign template
+    same, counts = _class_captions(tok, ["a", "b"], ["x {}.", "y {}."])
+    assert counts.tolist() == [2, 2] and not torch.equal(same[0, 0], same[0, 1])
