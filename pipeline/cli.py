@@ -25,9 +25,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = p.add_subparsers(dest="command", required=True)
 
-    s = sub.add_parser("shards", help="image folder or the digits demo -> WebDataset shards + meta.json")
+    s = sub.add_parser("shards", help="image folder or a demo data set -> WebDataset shards + meta.json")
     s.add_argument("--from-folder", help="DIR/<class name>/<image> tree")
-    s.add_argument("--demo", choices=["digits"], help="scikit-learn's bundled handwritten digits")
+    s.add_argument("--demo", choices=["digits", "fashion"],
+                   help="digits: scikit-learn's bundled handwritten digits; fashion: Fashion-MNIST from its IDX "
+                        "files (Debian package dataset-fashion-mnist; official train/test split plus a val split)")
+    s.add_argument("--source", help="fashion: folder of the IDX .gz files (default $CAPT_FASHION_MNIST, else "
+                                    "/usr/share/datasets/fashion-mnist)")
+    s.add_argument("--val-per-class", type=int, default=100,
+                   help="fashion: images per class carved from the official train split into `val` (0: none)")
+    s.add_argument("--limit", type=int, default=None, help="fashion: first N images of each official split only")
     s.add_argument("--out", required=True)
     s.add_argument("--test-fraction", type=float, default=None)
     s.add_argument("--shard-size", type=int, default=None, help="samples per shard")
@@ -37,9 +44,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=c.cmd_shards)
 
     s = sub.add_parser("tiny-clip", help="train a small CLIP from scratch on shards (offline demo model)")
-    s.add_argument("--data", required=True)
+    s.add_argument("--data", required=True, nargs="+",
+                   help="shards folder(s); several are trained together (union of their classes)")
     s.add_argument("--out", required=True, help="FILE.pt")
-    s.add_argument("--model", default="capt-small")
+    s.add_argument("--model", default="capt-small", help="capt-tiny | capt-small | capt-base or any open_clip name")
     s.add_argument("--steps", type=int, default=500)
     s.add_argument("--batch-size", type=int, default=64)
     s.add_argument("--seed", type=int, default=0)

@@ -23,9 +23,16 @@ def cmd_shards(args: argparse.Namespace) -> int:
     from . import shards
 
     if bool(args.from_folder) == bool(args.demo):
-        raise ConfigError("capt shards: give exactly one of --from-folder DIR or --demo digits")
+        raise ConfigError("capt shards: give exactly one of --from-folder DIR or --demo digits|fashion")
     t0 = time.perf_counter()
-    if args.demo:
+    if args.demo == "fashion":
+        from .fashion import shards_from_fashion
+
+        meta = shards_from_fashion(args.out, source=getattr(args, "source", None), seed=args.seed,
+                                   val_per_class=getattr(args, "val_per_class", 100),
+                                   limit=getattr(args, "limit", None), shard_size=args.shard_size or 5000,
+                                   overwrite=args.overwrite)
+    elif args.demo:
         meta = shards.shards_from_digits(args.out, test_fraction=args.test_fraction or 0.3, seed=args.seed,
                                          shard_size=args.shard_size or 500, overwrite=args.overwrite)
     else:
@@ -39,11 +46,17 @@ def cmd_shards(args: argparse.Namespace) -> int:
 
 
 def cmd_tiny_clip(args: argparse.Namespace) -> int:
-    from .tinyclip import TinyClipConfig, tiny_clip_from_shards
+    from .tinyclip import TinyClipConfig, tiny_clip_from_many, tiny_clip_from_shards
 
     cfg = TinyClipConfig(model=args.model, steps=args.steps, batch_size=args.batch_size, seed=args.seed)
-    result = tiny_clip_from_shards(args.data, args.out, cfg)
-    print(f"tiny CLIP {cfg.model}: zero-shot test accuracy {result['zero_shot_acc']:.3f} -> {args.out}")
+    data = args.data if isinstance(args.data, list) else [args.data]
+    if len(data) == 1:
+        result = tiny_clip_from_shards(data[0], args.out, cfg)
+        print(f"tiny CLIP {cfg.model}: zero-shot test accuracy {result['zero_shot_acc']:.3f} -> {args.out}")
+    else:
+        result = tiny_clip_from_many(data, args.out, cfg)
+        accs = ", ".join(f"{k} {v:.3f}" for k, v in result["zero_shot_acc"].items())
+        print(f"tiny CLIP {cfg.model}: zero-shot test accuracy {accs} -> {args.out}")
     print(f"use it with: --set model.name={cfg.model} --set model.checkpoint={Path(args.out).resolve()}")
     return 0
 

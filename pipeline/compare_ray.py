@@ -1,4 +1,8 @@
-"""Ray Tune execution of ``capt compare`` cells: a grid of trials, no searcher, no scheduler."""
+"""Ray Tune execution of ``capt compare`` cells: a grid of trials, no searcher, no scheduler.
+
+The trial itself is :func:`pipeline.compare_cell.cell_main`; the driver (:mod:`pipeline.compare`)
+calls :func:`run_cells`. Nothing here imports the driver.
+"""
 
 from __future__ import annotations
 
@@ -32,7 +36,7 @@ def run_cells(cells: list[dict[str, Any]], ctx: dict[str, Any], settings: dict[s
     import ray
     from ray import tune
 
-    from pipeline.compare import cell_main
+    from pipeline.compare_cell import cell_main
 
     if not cells:
         return []

@@ -1,7 +1,9 @@
-"""The results table of ``capt compare``: mean +- std over seeds, as markdown and CSV.
+"""The results table of ``capt compare``: mean +- spread over seeds, as markdown and CSV.
 
 Pure functions over a list of cell records ``{"method", "protocol", "seed", "metrics", "run_id"}``;
-no ray, no mlflow. Accuracies are shown in percent.
+no ray, no mlflow. Accuracies are shown in percent. The spread is the sample standard deviation
+(``spread="std"``) or the half-width of the 95% Student-t interval of the mean (``spread="ci95"``,
+what ``capt compare`` writes); paired comparisons between methods are in :mod:`pipeline.compare_stats`.
 """
 
 from __future__ import annotations
@@ -74,17 +76,34 @@ def aggregate(cells: Sequence[dict[str, Any]], methods: Sequence[str]) -> list[d
     return rows
 
 
-def _fmt(cell: tuple[float, float, int], title: str) -> str:
+def ci95(cell: tuple[float, float, int]) -> float:
+    """Half-width of the 95% Student-t interval of the mean, from (mean, std, n); nan for n < 2."""
+    from scipy import stats
+
+    _, s, n = cell
+    return float(stats.t.ppf(0.975, n - 1)) * s / math.sqrt(n) if n >= 2 and math.isfinite(s) else float("nan")
+
+
+def _fmt(cell: tuple[float, float, int], title: str, spread: str = "std") -> str:
     m, s, n = cell
     if n == 0 or not math.isfinite(m):
         return "-"
+    s = s if spread == "std" else ci95(cell)
+    if not math.isfinite(s):
+        return f"{m:.0f}" if title == "train s" else f"{100 * m:.1f}"
     if title == "train s":
         return f"{m:.0f} ± {s:.0f}"
     return f"{100 * m:.1f} ± {100 * s:.1f}"
 
 
-def to_markdown(rows: Sequence[dict[str, Any]], *, run_link: str | None = None) -> str:
-    """A markdown table; ``run_link`` (e.g. ``http://mlflow:5000/#/experiments/1/runs/{run_id}``) links runs."""
+def to_markdown(rows: Sequence[dict[str, Any]], *, run_link: str | None = None, spread: str = "std") -> str:
+    """A markdown table; ``run_link`` (e.g. ``http://mlflow:5000/#/experiments/1/runs/{run_id}``) links runs.
+
+    ``spread``: ``std`` (mean ± sample standard deviation) or ``ci95`` (mean ± half-width of the 95%
+    t-interval of the mean over the seeds).
+    """
+    if spread not in ("std", "ci95"):
+        raise ValueError(f"spread must be std or ci95, got {spread!r}")
     titles = [t for _, _, t in COLUMNS if any(r[t][2] for r in rows)]
     lines = ["| method | " + " | ".join(titles) + " | runs |", "|---" * (len(titles) + 2) + "|"]
     for r in rows:
@@ -94,7 +113,7 @@ def to_markdown(rows: Sequence[dict[str, Any]], *, run_link: str | None = None) 
                 if run_id:
                     target = run_link.format(run_id=run_id) if run_link else run_id[:8]
                     links.append(f"[{protocol}#{i}]({target})" if run_link else f"{protocol}#{i}:{target}")
-        lines.append(f"| {r['method']} | " + " | ".join(_fmt(r[t], t) for t in titles) + " | "
+        lines.append(f"| {r['method']} | " + " | ".join(_fmt(r[t], t, spread) for t in titles) + " | "
                      + " ".join(links) + " |")
     return "\n".join(lines) + "\n"
 
@@ -104,12 +123,14 @@ def to_csv(rows: Sequence[dict[str, Any]]) -> str:
     buf = io.StringIO()
     w = csv.writer(buf)
     titles = [t for _, _, t in COLUMNS]
-    w.writerow(["method"] + [f"{t} {s}" for t in titles for s in ("mean", "std", "n")] + ["run_ids"])
+    w.writerow(["method"] + [f"{t} {s}" for t in titles for s in ("mean", "std", "n", "ci95")] + ["run_ids"])
     for r in rows:
         vals = []
         for t in titles:
             m, s, n = r[t]
-            vals += ["" if not math.isfinite(m) else f"{m:.6g}", "" if not math.isfinite(s) else f"{s:.6g}", n]
+            h = ci95(r[t])
+            vals += ["" if not math.isfinite(m) else f"{m:.6g}", "" if not math.isfinite(s) else f"{s:.6g}", n,
+                     "" if not math.isfinite(h) else f"{h:.6g}"]
         ids = ";".join(f"{p}:{i}" for p, lst in r["runs"].items() for i in lst if i)
         w.writerow([r["method"], *vals, ids])
     return buf.getvalue()

@@ -41,6 +41,7 @@ class PromptConfig:
     n_ctx_vision: int = 2
     depth: int = 9  # number of transformer layers that receive prompts (1 = input layer only)
     init: str = "a photo of a"  # words whose embeddings initialise the text context ("" = random)
+    fap_layer0: str = "separate"  # fap design, layer-0 vision prompt: separate (ours) | coupled (official FAP)
 
 
 @dataclass(frozen=True)
@@ -177,6 +178,7 @@ METHOD_PRESETS: dict[str, dict[str, Any]] = {
 
 _CHOICES: dict[str, tuple[str, ...]] = {
     "prompt.design": ("none", "coop", "vpt", "ivlp", "maple", "fap"),
+    "prompt.fap_layer0": ("separate", "coupled"),
     "attack.name": ("pgd", "cw", "none"),
     "attack.loss": ("ce", "kl", "margin"),
     "loss.objective": ("none", "ce_clean", "ce_adv", "capt", "fap"),

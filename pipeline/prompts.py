@@ -12,6 +12,14 @@ maple     vision prompt of each layer = Linear_l(text prompt of that layer) (MaP
 fap       text prompt of layer 0 learned; deeper text prompts = Linear_l(vision prompt) (FAP-style)
 ========  =====================================================================================
 
+FAP's layer-0 vision prompt (``prompt.fap_layer0``): ``separate`` (default) learns it as its own
+parameter; ``coupled`` makes it ``Linear_0(text context)`` as the official FAP code does (MaPLe-style
+at layer 0, vision-to-text deeper). See docs/METHODS.md.
+
+Initial values: :class:`PromptLearner` keeps a copy of every prompt tensor as it was initialised
+(``initial``); :meth:`PromptedCLIP.prompt_state` saves them (keys ``initial/<name>``) so that TAPT can
+reset prompts to them as the official code does (``tapt --reset official``).
+
 Text prompts replace the ``n_ctx`` tokens after start-of-text ("X X ... X {class}."); vision
 prompts are appended after the patch tokens. At every layer ``1 <= l < depth`` the prompt tokens
 are replaced by that layer's prompt (deep prompting, as in MaPLe/IVLP).
@@ -62,15 +70,20 @@ for _name, _spec in {
     register_design(_name, _spec)
 
 
+INITIAL = "initial/"  # prefix of the initial prompt values in prompt_state()
+
+
 class PromptLearner(nn.Module):
     """The trainable tokens of one design: per-layer text / vision prompts and coupling maps."""
 
     def __init__(self, spec: DesignSpec, *, n_text: int, n_vision: int, depth: int,
-                 d_text: int, d_vision: int, text_init: torch.Tensor | None = None):
+                 d_text: int, d_vision: int, text_init: torch.Tensor | None = None, fap_layer0: str = "separate"):
         super().__init__()
         self.spec, self.depth, self.n_text, self.n_vision = spec, depth, n_text, n_vision
+        # v2t with a coupled layer 0: vision prompts of layers 1.. only, layer 0 = proj0(text context)
+        self.coupled0 = spec.coupling == "v2t" and fap_layer0 == "coupled"
         t_layers = 0 if not spec.text else (1 if spec.coupling == "v2t" else depth)
-        v_layers = 0 if not spec.vision else (0 if spec.coupling == "t2v" else depth)
+        v_layers = 0 if not spec.vision else (0 if spec.coupling == "t2v" else depth - self.coupled0)
         self.text = nn.ParameterList([nn.Parameter(torch.randn(n_text, d_text) * 0.02) for _ in range(t_layers)])
         self.vision = nn.ParameterList(
             [nn.Parameter(torch.randn(n_vision, d_vision) * 0.02) for _ in range(v_layers)])
@@ -80,17 +93,23 @@ class PromptLearner(nn.Module):
             self.proj = nn.ModuleList([nn.Linear(d_vision, d_text) for _ in range(depth - 1)])
         else:
             self.proj = nn.ModuleList()
+        if self.coupled0:
+            self.proj0 = nn.Linear(d_text, d_vision)
         if text_init is not None and t_layers:
             k = min(n_text, text_init.shape[0])
             with torch.no_grad():
                 self.text[0][:k].copy_(text_init[:k])
+        # the values every prompt tensor started from (None once unknown: a checkpoint without them)
+        self.initial: dict[str, torch.Tensor] | None = {k: p.detach().cpu().clone()
+                                                       for k, p in self.named_parameters()}
 
     def text_prompts(self) -> list[torch.Tensor]:
         """Per-layer text prompts, ``[(n_text, D_t)] * depth`` (empty for vision-only designs)."""
         if not self.spec.text:
             return []
         if self.spec.coupling == "v2t":
-            return [self.text[0]] + [p(v) for p, v in zip(self.proj, list(self.vision)[1:], strict=True)]
+            deep = list(self.vision) if self.coupled0 else list(self.vision)[1:]
+            return [self.text[0]] + [p(v) for p, v in zip(self.proj, deep, strict=True)]
         return list(self.text)
 
     def vision_prompts(self) -> list[torch.Tensor]:
@@ -99,6 +118,8 @@ class PromptLearner(nn.Module):
             return []
         if self.spec.coupling == "t2v":
             return [p(t) for p, t in zip(self.proj, self.text, strict=True)]
+        if self.coupled0:
+            return [self.proj0(self.text[0])] + list(self.vision)
         return list(self.vision)
 
 
@@ -201,7 +222,7 @@ class PromptedCLIP(nn.Module):
         d_vision = visual.conv1.out_channels if self.spec.vision else 1
         self.prompts = PromptLearner(
             self.spec, n_text=cfg.n_ctx_text, n_vision=cfg.n_ctx_vision, depth=cfg.depth,
-            d_text=self.text_tower.width, d_vision=d_vision, text_init=text_init,
+            d_text=self.text_tower.width, d_vision=d_vision, text_init=text_init, fap_layer0=cfg.fap_layer0,
         ).to(self.mean.device)
         self.set_classes(classnames, templates)
 
@@ -324,15 +345,22 @@ class PromptedCLIP(nn.Module):
 
     # ------------------------------------------------------------------ state
     def prompt_state(self) -> dict[str, torch.Tensor]:
-        return {k: v.detach().cpu().clone() for k, v in self.prompts.state_dict().items()}
+        """The prompt weights, plus their initial values under ``initial/<name>`` when known."""
+        state = {k: v.detach().cpu().clone() for k, v in self.prompts.state_dict().items()}
+        initial = self.prompts.initial or {}
+        return {**state, **{f"{INITIAL}{k}": v.clone() for k, v in initial.items()}}
 
     def load_prompt_state(self, state: dict[str, torch.Tensor], source: str = "checkpoint") -> None:
+        weights = {k: v for k, v in state.items() if not k.startswith(INITIAL)}
+        initial = {k.removeprefix(INITIAL): v for k, v in state.items() if k.startswith(INITIAL)}
         try:
-            self.prompts.load_state_dict(state, strict=True)
+            self.prompts.load_state_dict(weights, strict=True)
         except RuntimeError as exc:
             first = str(exc).strip().splitlines()[0]
-            raise ConfigError(f"{source}: prompt weights do not match prompt.design="
-                              f"{self.cfg.design} depth={self.cfg.depth}: {first}") from None
+            raise ConfigError(f"{source}: prompt weights do not match prompt.design={self.cfg.design} "
+                              f"depth={self.cfg.depth} fap_layer0={self.cfg.fap_layer0}: {first}") from None
+        names = {k for k, _ in self.prompts.named_parameters()}
+        self.prompts.initial = {k: v.detach().cpu().clone() for k, v in initial.items()} if set(initial) == names else None
 
 
 class FixedTextClassifier(nn.Module):

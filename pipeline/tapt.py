@@ -5,9 +5,14 @@ keep the ``keep`` views of lowest prediction entropy, loss = marginal entropy ov
 + ``weight * (alpha * L_align_adv + (1 - alpha) * L_align_clean)``
 (:func:`pipeline.losses.tapt_entropy`, :func:`pipeline.losses.tapt_alignment` against
 :mod:`pipeline.tapt_stats`), ``steps`` AdamW steps on every prompt parameter (text, vision and
-coupling maps), then predict ``x`` with the tuned prompts. Prompts AND optimiser state restart from
-the TRAINED prompts for every image (the released code appears to reset some deep prompts to their
-random initial values instead; we do not reproduce that).
+coupling maps), then predict ``x`` with the tuned prompts. The optimiser state restarts for every
+image, and so do the prompts (``reset``):
+
+* ``trained`` (default, ours): every prompt restarts from its TRAINED value;
+* ``official`` (the released TAPT code, VLI and V variants): the layer-0 text context restarts from
+  its trained value, every vision prompt and every deep text prompt from its RANDOM INITIAL value
+  (the value before training, saved with the run: ``PromptLearner.initial``); coupling maps keep
+  their trained values (the official VLI / V designs have none). See docs/METHODS.md.
 
 Documented choices (each a :class:`TaptConfig` field):
 
@@ -42,6 +47,7 @@ from torch.func import functional_call
 from tqdm import tqdm
 
 from . import losses
+from .adamw import AdamWState, adamw_init, adamw_step  # noqa: F401  (AdamWState: re-exported)
 from .attacks import attack_mode, build_attack, project_linf
 from .config import ConfigError
 from .pixels import as_pixels
@@ -56,6 +62,7 @@ from .tapt_stats import (
     view_generators,
 )
 
+RESETS = ("trained", "official")
 PUBLISHED_WEIGHT = 400 / 9  # = official 100/9 on a sum of halved per-layer terms (see module docstring)
 
 
@@ -75,8 +82,11 @@ class TaptConfig:
     scale: tuple[float, float] = (0.08, 1.0)  # RandomResizedCrop defaults
     ratio: tuple[float, float] = (3 / 4, 4 / 3)
     seed: int = 0  # view randomness: one generator per (seed, image index)
+    reset: str = "trained"  # per-image restart: trained (ours) | official (see the module docstring)
 
     def __post_init__(self) -> None:
+        if self.reset not in RESETS:
+            raise ConfigError(f"tapt: reset must be one of {list(RESETS)}, got {self.reset!r}")
         if self.views < 1 or self.steps < 0:
             raise ConfigError(f"tapt: views must be >= 1 and steps >= 0 (got {self.views}, {self.steps})")
         if not 0 < self.tau <= 1 or self.rounding not in ("floor", "ceil"):
@@ -101,48 +111,6 @@ def select_confident(logits: torch.Tensor, keep: int) -> torch.Tensor:
     """Indices (..., keep) of the ``keep`` views (dim -2) of lowest entropy, most confident first."""
     logp = F.log_softmax(logits.float(), dim=-1)
     return (-(logp.exp() * logp).sum(dim=-1)).argsort(dim=-1, stable=True)[..., :keep]
-
-
-# ----------------------------------------------------------------------------- AdamW, functional
-
-
-@dataclass
-class AdamWState:
-    step: int
-    exp_avg: dict[str, torch.Tensor]
-    exp_avg_sq: dict[str, torch.Tensor]
-
-
-def adamw_init(params: dict[str, torch.Tensor]) -> AdamWState:
-    return AdamWState(0, {k: torch.zeros_like(v) for k, v in params.items()},
-                      {k: torch.zeros_like(v) for k, v in params.items()})
-
-
-def _safe_sqrt(v: torch.Tensor) -> torch.Tensor:
-    """sqrt with gradient 0 (not NaN) at 0, for differentiating through the update."""
-    pos = v > 0
-    return torch.where(pos, torch.where(pos, v, torch.ones_like(v)).sqrt(), torch.zeros_like(v))
-
-
-def adamw_step(params: dict[str, torch.Tensor], grads: dict[str, torch.Tensor], state: AdamWState, *,
-               lr: float, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
-               weight_decay: float = 0.01) -> tuple[dict[str, torch.Tensor], AdamWState]:
-    """torch.optim.AdamW's update (decoupled decay, bias correction), out of place and differentiable.
-
-    Tensors of any shape, e.g. B stacked copies: B independent optimisers in one op per tensor.
-    """
-    t = state.step + 1
-    b1, b2 = betas
-    step_size, bc2_sqrt = lr / (1 - b1 ** t), math.sqrt(1 - b2 ** t)
-    new, m_out, v_out = {}, {}, {}
-    for k, p in params.items():
-        g = grads[k]
-        m = torch.lerp(state.exp_avg[k], g, 1 - b1)
-        v = torch.addcmul(state.exp_avg_sq[k] * b2, g, g, value=1 - b2)
-        denom = _safe_sqrt(v) / bc2_sqrt + eps
-        new[k] = torch.addcdiv(p * (1 - lr * weight_decay), m, denom, value=-step_size)
-        m_out[k], v_out[k] = m, v
-    return new, AdamWState(t, m_out, v_out)
 
 
 # ----------------------------------------------------------------------------- objective
@@ -187,6 +155,20 @@ def check_tunable(model: PromptedCLIP) -> None:
                           "use a run with learned prompts (coop, vpt, ivlp, maple, fap)")
 
 
+def reset_values(model: PromptedCLIP, reset: str) -> dict[str, torch.Tensor]:
+    """The prompt values every image starts from: trained, or the official mix (layer-0 text context
+    trained; every other prompt tensor at its initial value; coupling maps trained)."""
+    trained = {k: p.detach() for k, p in model.prompts.named_parameters()}
+    if reset == "trained":
+        return trained
+    initial = model.prompts.initial
+    if initial is None:
+        raise ConfigError("tapt: reset=official needs the prompts' initial values, which this run's checkpoint "
+                          "does not hold (trained before they were saved); retrain it, or use reset=trained")
+    return {k: v if k == "text.0" or k.startswith("proj") else initial[k].to(v.device, v.dtype)
+            for k, v in trained.items()}
+
+
 class Tapt:
     """The TAPT defence for ``model`` (never modified): ``Tapt(...)(images, indices)``."""
 
@@ -204,9 +186,9 @@ class Tapt:
             self.stats.check_shape(*token_shape(model))
 
     def initial(self, batch: int) -> dict[str, torch.Tensor]:
-        """B fresh copies of the TRAINED prompts (the per-image reset)."""
-        return {k: p.detach().unsqueeze(0).expand(batch, *p.shape).clone()
-                for k, p in self.model.prompts.named_parameters()}
+        """B fresh copies of the prompts each image starts from (the per-image reset, ``cfg.reset``)."""
+        start = reset_values(self.model, self.cfg.reset)
+        return {k: p.unsqueeze(0).expand(batch, *p.shape).clone() for k, p in start.items()}
 
     @torch.no_grad()
     def select(self, views: torch.Tensor) -> torch.Tensor:

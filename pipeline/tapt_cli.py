@@ -30,8 +30,8 @@ import torch
 from .attacks import build_attack
 from .config import ConfigError
 from .runs import load_run, write_summary
-from .tapt import PUBLISHED_WEIGHT, TaptConfig, TaptEvalConfig, check_tunable, evaluate_tapt
-from .tapt_stats import compute_stats, load_stats, parse_layers, resolve_layers, save_stats
+from .tapt import PUBLISHED_WEIGHT, RESETS, TaptConfig, TaptEvalConfig, check_tunable, evaluate_tapt
+from .tapt_stats import ADV_IMAGES, compute_stats, load_stats, parse_layers, resolve_layers, save_stats
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +48,7 @@ def register(subparsers: Any) -> None:
     s.add_argument("--eps", type=float, help="PGD eps for the adversarial statistics, 1/255 units "
                    "(default: the run's training eps)")
     s.add_argument("--attack-steps", type=int, default=10)
+    _adv_images(s)
     _common(s, batch_size=32)
     s.set_defaults(func=cmd_tapt_stats)
 
@@ -71,9 +72,20 @@ def register(subparsers: Any) -> None:
     t.add_argument("--adaptive-steps", type=int, default=10)
     t.add_argument("--eot", type=int, default=1, help="view draws per adaptive step")
     t.add_argument("--stats-limit", type=int, default=256)
+    t.add_argument("--reset", choices=RESETS, default="trained",
+                   help="per-image restart of the prompts: trained (ours: all prompts from their trained values) "
+                        "| official (the released code: layer-0 text context trained, every other prompt from its "
+                        "random initial value)")
+    _adv_images(t, what="(without --stats) ")
     t.add_argument("--amp", action="store_true", help="bf16 autocast on CUDA (faster; not bit-exact)")
     _common(t, batch_size=16)
     t.set_defaults(func=cmd_tapt)
+
+
+def _adv_images(p: argparse.ArgumentParser, what: str = "") -> None:
+    p.add_argument("--adv-images", choices=ADV_IMAGES, default="pgd",
+                   help=f"{what}images of the adv statistics: pgd (ours: PGD against the run) | clean (the "
+                        "official code: clean training images through the adversarially trained prompts)")
 
 
 def _common(p: argparse.ArgumentParser, *, batch_size: int) -> None:
@@ -165,11 +177,12 @@ def cmd_tapt_stats(args: argparse.Namespace) -> int:
         raise ConfigError("tapt-stats: --eps must be in [0, 255], --attack-steps >= 0, --batch-size >= 1")
     attack = build_attack("pgd", eps=eps / 255.0, steps=args.attack_steps, module=model, seed=args.seed)
     stats = compute_stats(model, x, y, layers, attack=attack, clean_model=clean, batch_size=args.batch_size,
-                          device=device, progress=True)
+                          device=device, progress=True, adv_images=args.adv_images)
     save_stats(out, stats)
     settings = {"run": args.run, "clean_run": args.clean_run, "data": args.data, "split": args.split,
                 "layers": list(layers), "limit": args.limit, "eps": eps, "attack_steps": args.attack_steps,
                 "clean_source": "clean_run" if clean is not None else "run prompts on clean images",
+                "adv_images": args.adv_images,
                 "design": model.cfg.design, "model": cfg.model.name, "out": str(out)}
     metrics = {"n_images": stats.n_images, "tokens": stats.adv_mean[0].shape[0],
                "width": stats.adv_mean[0].shape[1], "n_layers": len(layers)}
@@ -191,7 +204,7 @@ def _fallback_stats(cfg, model, layers, args, device):
     try:
         attack = build_attack("pgd", eps=cfg.attack.eps_px, steps=10, module=model, seed=args.seed)
         return compute_stats(model, x, y, layers, attack=attack, batch_size=args.batch_size, device=device,
-                             progress=True)
+                             progress=True, adv_images=args.adv_images)
     finally:
         model.set_classes(eval_names, eval_templates)
 
@@ -199,7 +212,8 @@ def _fallback_stats(cfg, model, layers, args, device):
 def cmd_tapt(args: argparse.Namespace) -> int:
     """Evaluate TAPT on a test split; write OUT/summary.json."""
     tapt_cfg = TaptConfig(views=args.views, tau=args.tau, rounding=args.rounding, steps=args.steps, lr=args.lr,
-                          weight=args.weight, alpha=args.alpha, layers=args.layers, seed=args.seed)
+                          weight=args.weight, alpha=args.alpha, layers=args.layers, seed=args.seed,
+                          reset=args.reset)
     ev = TaptEvalConfig(eps=args.eps, attack=args.attack, attack_steps=args.attack_steps, adaptive=args.adaptive,
                         adaptive_steps=args.adaptive_steps, eot=args.eot, batch_size=args.batch_size,
                         seed=args.seed)
@@ -219,6 +233,7 @@ def cmd_tapt(args: argparse.Namespace) -> int:
     with torch.autocast("cuda", dtype=torch.bfloat16) if amp else contextlib.nullcontext():
         metrics = evaluate_tapt(model, x, y, stats, tapt_cfg, ev, device=device, progress=True)
     settings = {"run": args.run, "data": args.data, "split": args.split, "stats": args.stats,
+                "adv_images": None if args.stats else args.adv_images,
                 "limit": args.limit, "amp": amp, "design": model.cfg.design, "model": cfg.model.name, "device": str(device),
                 "tapt": {**dataclasses.asdict(tapt_cfg), "layers": list(layers), "keep": tapt_cfg.keep},
                 "eval": dataclasses.asdict(ev)}

@@ -19,6 +19,11 @@ on a public dataset (ImageNet in the paper) with two prompts:
   project falls back to the adversarial run's own prompts on clean images (documented choice: the
   same encoder, so the token shapes always match, and the statistics still describe clean inputs).
 
+Which images the ``adv`` statistics see is a named choice (``adv_images``): ``pgd`` (default, ours,
+the paper's description) or ``clean``: the official code computes BOTH statistics on clean
+training images, once with the clean-trained and once with the adversarially trained prompts;
+``clean`` reproduces it. See docs/METHODS.md.
+
 For every layer ``l`` in ``layers`` the INPUT tokens of vision block ``l`` (B, T, D) are reduced over
 images to a mean and a biased variance per token position and channel, shape (T, D). Sums run in
 float64 batch by batch, so no tokens are held beyond one batch. Files are written with
@@ -319,13 +324,22 @@ def layer_moments(model: PromptedCLIP, batches: Iterable[tuple[torch.Tensor, tor
     return [p[0] for p in pairs], [p[1] for p in pairs], moments[0].n
 
 
+ADV_IMAGES = ("pgd", "clean")  # images of the adv statistics: ours (PGD) | the official code's (clean)
+
+
 def compute_stats(adv_model: PromptedCLIP, x: torch.Tensor, y: torch.Tensor, layers: Sequence[int], *,
-                  attack: Attack, clean_model: PromptedCLIP | None = None, batch_size: int = 32,
-                  device: torch.device | str = "cpu", progress: bool = False) -> TaptStats:
-    """``adv`` statistics (``adv_model`` on ``attack``-ed images) and ``clean`` statistics
-    (``clean_model`` on clean images; ``adv_model`` itself when no clean model is given)."""
+                  attack: Attack | None, clean_model: PromptedCLIP | None = None, batch_size: int = 32,
+                  device: torch.device | str = "cpu", progress: bool = False, adv_images: str = "pgd") -> TaptStats:
+    """``adv`` statistics (``adv_model`` on ``attack``-ed images, or on the clean images when
+    ``adv_images="clean"``) and ``clean`` statistics (``clean_model`` on clean images; ``adv_model``
+    itself when no clean model is given)."""
+    if adv_images not in ADV_IMAGES:
+        raise ConfigError(f"tapt-stats: adv images must be one of {list(ADV_IMAGES)}, got {adv_images!r}")
+    if adv_images == "pgd" and attack is None:
+        raise ConfigError("tapt-stats: adv statistics on PGD images need an attack")
     layers = tuple(layers)
-    adv_m, adv_v, n = layer_moments(adv_model, _batches(x, y, batch_size), layers, attack=attack, device=device,
+    adv_m, adv_v, n = layer_moments(adv_model, _batches(x, y, batch_size), layers,
+                                    attack=attack if adv_images == "pgd" else None, device=device,
                                     progress=progress, desc="adv stats")
     clean = clean_model if clean_model is not None else adv_model
     cl_m, cl_v, _ = layer_moments(clean, _batches(x, y, batch_size), layers, device=device, progress=progress,

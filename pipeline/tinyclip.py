@@ -57,9 +57,26 @@ def _caption_tokens(tokenizer, classnames: list[str], templates: list[str]) -> t
     return tokenizer(texts).view(len(classnames), len(templates), -1)  # (C, T, L)
 
 
-def train_tiny_clip(train_x: torch.Tensor, train_y: torch.Tensor, classnames: list[str], templates: list[str],
-                    cfg: TinyClipConfig = TinyClipConfig(), *, progress: bool = True) -> torch.nn.Module:
-    """Contrastive training from scratch; returns the open_clip model (eval mode)."""
+def _class_captions(tokenizer, classnames: list[str],
+                    templates: list[str] | list[list[str]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(C, T_max, L) caption tokens and (C,) template counts; per-class template lists are padded by
+    repetition (only the first ``count[c]`` of class c are ever sampled)."""
+    per_class = [list(templates)] * len(classnames) if templates and isinstance(templates[0], str) else templates
+    t_max = max(len(t) for t in per_class)
+    texts = [t[i % len(t)].format(c) for c, t in zip(classnames, per_class, strict=True) for i in range(t_max)]
+    counts = torch.tensor([len(t) for t in per_class])
+    return tokenizer(texts).view(len(classnames), t_max, -1), counts
+
+
+def train_tiny_clip(train_x: torch.Tensor, train_y: torch.Tensor, classnames: list[str],
+                    templates: list[str] | list[list[str]], cfg: TinyClipConfig = TinyClipConfig(), *,
+                    progress: bool = True, weights: torch.Tensor | None = None) -> torch.nn.Module:
+    """Contrastive training from scratch; returns the open_clip model (eval mode).
+
+    ``train_x``: uint8 or [0, 1] float images; ``templates``: one list for every class, or one list
+    per class (several data sets trained together); ``weights``: per-image sampling weights (e.g.
+    each data set drawn equally often), uniform when None.
+    """
     register_model_configs()
     torch.manual_seed(cfg.seed)
     g = torch.Generator().manual_seed(cfg.seed)
@@ -67,8 +84,9 @@ def train_tiny_clip(train_x: torch.Tensor, train_y: torch.Tensor, classnames: li
     tokenizer = open_clip.get_tokenizer(cfg.model)
     mean = torch.tensor(open_clip.OPENAI_DATASET_MEAN).view(1, 3, 1, 1)
     std = torch.tensor(open_clip.OPENAI_DATASET_STD).view(1, 3, 1, 1)
-    tokens = _caption_tokens(tokenizer, classnames, templates)
+    tokens, counts = _class_captions(tokenizer, classnames, templates)
     eot = int(tokens.argmax(dim=-1).max()) + 1
+    same_count = bool((counts == counts[0]).all())
     model.train()
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / cfg.warmup)
@@ -77,11 +95,17 @@ def train_tiny_clip(train_x: torch.Tensor, train_y: torch.Tensor, classnames: li
 
     t0 = time.perf_counter()
     for step in tqdm(range(cfg.steps), desc="tiny-clip", disable=not progress, mininterval=2):
-        idx = torch.randint(0, len(train_y), (cfg.batch_size,), generator=g)
-        x, y = train_x[idx], train_y[idx]
+        if weights is None:
+            idx = torch.randint(0, len(train_y), (cfg.batch_size,), generator=g)
+        else:
+            idx = torch.multinomial(weights, cfg.batch_size, replacement=True, generator=g)
+        x, y = as_pixels(train_x[idx]), train_y[idx]
         if cfg.augment:
             x = _augment(x, g)
-        tmpl = torch.randint(0, len(templates), (cfg.batch_size,), generator=g)
+        if same_count:  # one template list for all classes: the original draw (same model as before)
+            tmpl = torch.randint(0, int(counts[0]), (cfg.batch_size,), generator=g)
+        else:  # one of the class's own templates
+            tmpl = (torch.rand(cfg.batch_size, generator=g) * counts[y]).long()
         text = tokens[y, tmpl]  # (B, L): one caption per image
         loss = _contrastive_step(model, (x - mean) / std, text, y, eot)
         opt.zero_grad(set_to_none=True)
@@ -129,7 +153,7 @@ def zero_shot_accuracy(model, x: torch.Tensor, y: torch.Tensor, classnames: list
     std = torch.tensor(open_clip.OPENAI_DATASET_STD).view(1, 3, 1, 1)
     correct = 0
     for i in range(0, len(y), 256):
-        img = F.normalize(model.encode_image((x[i:i + 256] - mean) / std), dim=-1)
+        img = F.normalize(model.encode_image((as_pixels(x[i:i + 256]) - mean) / std), dim=-1)
         correct += ((img @ feats.t()).argmax(dim=1) == y[i:i + 256]).sum().item()
     return correct / len(y)
 
@@ -160,3 +184,45 @@ def tiny_clip_from_shards(data_dir: str | Path, out_file: str | Path, cfg: TinyC
     log.info("tiny-clip: zero-shot test accuracy %.3f after %.0fs -> %s", acc, seconds, out)
     return {"model": cfg.model, "checkpoint": str(out), "zero_shot_acc": acc, "train_seconds": seconds,
             "steps": cfg.steps}
+
+
+def tiny_clip_from_many(data_dirs: list[str | Path], out_file: str | Path, cfg: TinyClipConfig = TinyClipConfig(),
+                        *, progress: bool = True, test_limit: int | None = None) -> dict:
+    """One CLIP trained on several shards folders together (the union of their classes, each with its
+    own templates; every data set drawn equally often); zero-shot test accuracy reported per data set
+    (over that data set's own classes and templates, on at most ``test_limit`` test images)."""
+    from . import data as shards_data
+
+    out = Path(out_file)
+    if out.suffix != ".pt":
+        raise ConfigError(f"--out: {out} should be a .pt file")
+    register_model_configs()
+    size = open_clip.get_model_config(cfg.model)["vision_cfg"]["image_size"]
+    xs, ys, ws, names, per_class, tests = [], [], [], [], [], {}
+    for path in data_dirs:
+        source = shards_data.ShardSource.open(path)
+        cls, tmpl = shards_data.class_names(source), list(shards_data.templates(source))
+        x, y, _ = shards_data.load_split(source, "train", image_size=size)
+        xt, yt, _ = shards_data.load_split(source, "test", image_size=size)
+        if test_limit is not None:
+            xt, yt = xt[:test_limit], yt[:test_limit]
+        xs.append(x)
+        ys.append(y + len(names))
+        ws.append(torch.full((len(y),), 1.0 / len(y)))
+        tests[str(source.meta.get("name", path))] = (xt, yt, cls, tmpl)
+        names += cls
+        per_class += [tmpl] * len(cls)
+    if len(set(names)) != len(names):
+        raise ConfigError("tiny-clip: the data sets share class names; train them together only with distinct names")
+    t0 = time.perf_counter()
+    model = train_tiny_clip(torch.cat(xs), torch.cat(ys), names, per_class, cfg, progress=progress,
+                            weights=torch.cat(ws))
+    seconds = time.perf_counter() - t0
+    acc = {name: zero_shot_accuracy(model, xt, yt, cls, tmpl, cfg.model) for name, (xt, yt, cls, tmpl) in tests.items()}
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_suffix(".tmp")
+    torch.save(model.state_dict(), tmp)
+    tmp.replace(out)
+    log.info("tiny-clip: zero-shot test accuracy %s after %.0fs -> %s", acc, seconds, out)
+    return {"model": cfg.model, "checkpoint": str(out), "zero_shot_acc": acc, "train_seconds": seconds,
+            "steps": cfg.steps, "data": [str(p) for p in data_dirs]}

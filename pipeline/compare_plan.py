@@ -1,0 +1,77 @@
+"""A compare file, read and resolved: every (method, protocol, seed) cell's full config.
+
+A compare file (``configs/compare/*.yaml``) holds a shared ``base`` config, the ``methods`` with their
+overrides, ``seeds``, the ``protocols`` (``few_shot``: all classes, evaluated on the test split and
+zero-shot on ``data.cross_datasets``; ``base_to_new``: trained on the base half of the classes,
+evaluated on base and new), an optional ``tapt`` stage and an optional ``tuning`` stage
+(:mod:`pipeline.compare_tuning`). No Ray, no MLflow here.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any
+
+from pipeline.compare_tuning import tuning_docs
+from pipeline.config import ConfigError, from_dict, read_yaml, set_dotted
+
+PROTOCOLS = {"few_shot": {}, "base_to_new": {"data": {"classes": "base"}}}
+_TOP = {"base", "methods", "seeds", "protocols", "tapt", "compare", "tracking", "tuning"}
+
+
+def load_compare(path: str | Path, overrides: list[str]) -> dict[str, Any]:
+    """Read, override (``--set compare.out=...``) and validate a compare file; resolve every cell's config."""
+    from pipeline.config import parse_override
+    from pipeline.demo import resolve_demo
+
+    doc = read_yaml(path)
+    for item in overrides:
+        set_dotted(doc, *parse_override(item))
+    unknown = set(doc) - _TOP
+    if unknown:
+        raise ConfigError(f"compare file {path}: unknown section(s) {sorted(unknown)}")
+    methods = doc.get("methods") or {}
+    if not methods:
+        raise ConfigError(f"compare file {path}: `methods` is empty")
+    protocols = _protocols(doc.get("protocols"))
+    cells = []
+    for method, extra in methods.items():
+        for protocol, p_extra in protocols.items():
+            for seed in doc.get("seeds") or [0]:
+                tree = _merge(copy.deepcopy(doc.get("base") or {}), copy.deepcopy(p_extra))
+                tree = _merge(_merge(tree, copy.deepcopy(extra or {})), PROTOCOLS[protocol])
+                tree = _merge(tree, {"method": method, "run": {"seed": seed}, "data": {"seed": seed}})
+                try:
+                    cfg = resolve_demo(from_dict(tree))
+                except ConfigError as exc:
+                    raise ConfigError(f"methods.{method}: {exc}") from None
+                cells.append({"method": method, "protocol": protocol, "seed": seed, "config": cfg.to_dict(),
+                              "key": f"{method}-{protocol}-s{seed}"})
+    settings = {"name": "compare", "out": "runs/compare", "resources": {"cpu": 1, "gpu": 0}, "max_concurrent": 2,
+                **(doc.get("compare") or {})}
+    settings["out"] = str(Path(settings["out"]).resolve())
+    plan = {"cells": cells, "methods": list(methods), "settings": settings, "tapt": doc.get("tapt"),
+            "tracking": doc.get("tracking") or {}, "source": str(Path(path).resolve()), "doc": doc}
+    plan["tuning"] = tuning_docs(plan)  # validated now, before anything runs
+    return plan
+
+
+def _protocols(value: Any) -> dict[str, dict[str, Any]]:
+    """``protocols``: a list of names, or a mapping name -> config overrides for that protocol's cells
+    (e.g. no AutoAttack and no cross-dataset evaluation in ``base_to_new``, whose table columns show
+    neither); method overrides apply on top of them."""
+    items = {name: {} for name in value} if isinstance(value, list) else dict(value or {"few_shot": {}})
+    for name, extra in items.items():
+        if name not in PROTOCOLS:
+            raise ConfigError(f"protocols: unknown protocol {name!r}; choose from {sorted(PROTOCOLS)}")
+        if not isinstance(extra or {}, dict):
+            raise ConfigError(f"protocols.{name}: expected a mapping of config overrides, got {extra!r}")
+        items[name] = extra or {}
+    return items
+
+
+def _merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
+    for k, v in top.items():
+        base[k] = _merge(base.get(k) or {}, v) if isinstance(v, dict) and isinstance(base.get(k), dict) else v
+    return base
