@@ -70,10 +70,13 @@ class CaptOptunaSearch(OptunaSearch):
 def make_searcher(spec: SearchSpec, storage: optuna.storages.BaseStorage) -> ConcurrencyLimiter:
     modes = ["max"] * len(spec.metrics)
     multi = len(spec.metrics) > 1
+    # A grid enumerates its points itself (and Optuna's GridSampler rejects partial enqueued points).
+    grid = spec.search.sampler.get("type") == "grid"
+    points = [] if grid else [dict(p) for p in spec.search.points_to_evaluate]
     sampler = make_sampler(spec.search.sampler, spec.space, seed=spec.search.seed, conditional=spec.conditional)
     searcher = CaptOptunaSearch(optuna_space(spec), metric=spec.metrics if multi else spec.metrics[0],
                                 mode=modes if multi else modes[0],
-                                points_to_evaluate=[dict(p) for p in spec.search.points_to_evaluate] or None,
+                                points_to_evaluate=points or None,
                                 sampler=sampler, study_name=spec.search.name, storage=storage)
     return ConcurrencyLimiter(searcher, max_concurrent=spec.search.max_concurrent)
 
