@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import logging
 import math
-import warnings
 from typing import Any
 
 import optuna
@@ -21,6 +20,7 @@ from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 from ray.tune.search import ConcurrencyLimiter
 from ray.tune.search.optuna import OptunaSearch
 
+from pipeline.search_sampler import make_sampler
 from pipeline.search_space import SearchSpec, optuna_space
 
 log = logging.getLogger("pipeline.search")
@@ -70,13 +70,13 @@ class CaptOptunaSearch(OptunaSearch):
 def make_searcher(spec: SearchSpec, storage: optuna.storages.BaseStorage) -> ConcurrencyLimiter:
     modes = ["max"] * len(spec.metrics)
     multi = len(spec.metrics) > 1
-    with warnings.catch_warnings():  # multivariate / group / constant_liar are flagged experimental
-        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        sampler = optuna.samplers.TPESampler(seed=spec.search.seed, multivariate=True, group=spec.conditional,
-                                             constant_liar=True)
+    # A grid enumerates its points itself (and Optuna's GridSampler rejects partial enqueued points).
+    grid = spec.search.sampler.get("type") == "grid"
+    points = [] if grid else [dict(p) for p in spec.search.points_to_evaluate]
+    sampler = make_sampler(spec.search.sampler, spec.space, seed=spec.search.seed, conditional=spec.conditional)
     searcher = CaptOptunaSearch(optuna_space(spec), metric=spec.metrics if multi else spec.metrics[0],
                                 mode=modes if multi else modes[0],
-                                points_to_evaluate=[dict(p) for p in spec.search.points_to_evaluate] or None,
+                                points_to_evaluate=points or None,
                                 sampler=sampler, study_name=spec.search.name, storage=storage)
     return ConcurrencyLimiter(searcher, max_concurrent=spec.search.max_concurrent)
 

@@ -24,6 +24,8 @@ from typing import Any
 import optuna
 
 from pipeline.config import Config, ConfigError, from_dict, parse_override, read_yaml, set_dotted
+from pipeline.search_sampler import DEFAULTS as SAMPLER_DEFAULTS
+from pipeline.search_sampler import check_sampler
 
 SECTIONS = ("base", "search", "tracking", "space")
 OBJECTIVES = ("robust_acc", "clean_acc")
@@ -79,6 +81,7 @@ class SearchSettings:
     seed: int = 0
     scheduler: dict[str, Any] = field(default_factory=lambda: {"type": "asha", "grace_period": 1,
                                                                 "reduction_factor": 2})
+    sampler: dict[str, Any] = field(default_factory=lambda: dict(SAMPLER_DEFAULTS))  # search_sampler.py
     resources: dict[str, float] = field(default_factory=lambda: {"cpu": 1, "gpu": 0})
     storage_path: str | None = None  # Tune storage; None -> <out>/ray_results
     optuna_storage: str | None = None  # None -> sqlite:///<out>/optuna.db
@@ -191,6 +194,7 @@ def parse_search(doc: dict[str, Any], source: str = "") -> SearchSpec:
         _check_param_against_config(param, base_cfg)
         _check_when(param, space)
     _check_points(search.points_to_evaluate, space, base_cfg)
+    check_sampler(search.sampler, space)
     if "attack.eps" in space and "eval.eps" not in space and base_cfg.eval.eps is None:
         raise ConfigError("space.attack.eps: the training eps is searched but base.eval.eps is not set, so trials "
                           "would be scored at different eps; set base.eval.eps (e.g. 1.0)")
