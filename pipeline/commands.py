@@ -20,7 +20,7 @@ log = logging.getLogger(__name__)
 
 
 def cmd_shards(args: argparse.Namespace) -> int:
-    from . import shards
+    from .data import sources as shards
 
     if bool(args.from_folder) == bool(args.demo):
         raise ConfigError("capt shards: give exactly one of --from-folder DIR or --demo digits")

@@ -44,7 +44,7 @@ from tqdm import tqdm
 from . import losses
 from .attacks import attack_mode, build_attack, project_linf
 from .config import ConfigError
-from .pixels import as_pixels
+from .data.pixels import as_pixels
 from .prompts import FixedTextClassifier, PromptedCLIP
 from .tapt_stats import (
     TaptStats,

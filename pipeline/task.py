@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .config import ConfigError, DataConfig
-from .pixels import as_pixels
+from .data.pixels import as_pixels
 
 
 @dataclass
