@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import json
 import logging
 import time
 from pathlib import Path
@@ -163,6 +164,26 @@ def _tapt_cell(cfg, cell, ctx, work: Path, device) -> dict[str, float]:
 
 # ----------------------------------------------------------------------------- the driver
 
+def prepare_data(cells: list[dict[str, Any]], cache: Path) -> list[dict[str, Any]]:
+    """Set ``data.cache`` (unless set) on every cell and build each distinct data subset once, before
+    the cells run (pipeline/data/subsets.py); cells then read only their subsets."""
+    from pipeline.clip import image_size_of
+    from pipeline.task import prepare_subsets
+
+    seen: set[str] = set()
+    out = []
+    for cell in cells:
+        cfg = from_dict(cell["config"])
+        if not cfg.data.cache:
+            cfg = cfg.replace(**{"data.cache": str(cache)})
+        key = json.dumps([cfg.to_dict()["data"], cfg.model.name], sort_keys=True, default=str)
+        if key not in seen:
+            seen.add(key)
+            prepare_subsets(cfg.data, image_size_of(cfg.model.name))
+        out.append({**cell, "config": cfg.to_dict()})
+    return out
+
+
 def run_compare(plan: dict[str, Any]) -> dict[str, Any]:
     """Run every cell on Ray, then the TAPT stage; write the table; return the summary."""
     from pipeline.compare_ray import run_cells
@@ -178,7 +199,7 @@ def run_compare(plan: dict[str, Any]) -> dict[str, Any]:
     ctx = {"uri": uri, "experiment_id": exp_id, "parent_id": parent_id, "out": str(out),
            "cpus": s["resources"].get("cpu", 1), "tapt": plan.get("tapt")}
     t0 = time.perf_counter()
-    cells = run_cells(plan["cells"], ctx, s)
+    cells = run_cells(prepare_data(plan["cells"], out / "data_subsets"), ctx, s)
     if plan.get("tapt"):
         cells += run_cells(_tapt_cells(plan, cells), ctx, s)
     methods = plan["methods"] + sorted({c["method"] for c in cells if c["method"] not in plan["methods"]})

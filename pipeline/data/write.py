@@ -24,6 +24,7 @@ import webdataset as wds
 from PIL import Image
 from tqdm import tqdm
 
+from . import index
 from .meta import (
     DEFAULT_TEMPLATES,
     FORMAT,
@@ -152,6 +153,8 @@ def _remove_stale(out: Path, old: dict | None, new: dict) -> None:
     if not old:
         return
     keep = {name for entry in new["splits"].values() for name in entry["shards"]}
+    for split in set(old.get("splits", {})) - set(new["splits"]):
+        index.index_path(out, split).unlink(missing_ok=True)
     for entry in old.get("splits", {}).values():
         for name in entry.get("shards", []):
             if name not in keep and "/" not in name and (out / name).is_file():
@@ -190,6 +193,8 @@ def write_dataset(
         captioned = _with_captions(samples, classes, templates[0])
         entries[split] = write_split(captioned, out, split, shard_size=shard_size, image_format=image_format,
                                      progress=progress, total=(totals or {}).get(split))
+    for split, entry in entries.items():  # the index lands before meta.json: a complete folder has it
+        index.write(index.build(out, split, entry["shards"], num_classes=len(classes)))
     meta = {"format": FORMAT, "name": name, "classes": list(classes), "templates": templates,
             "splits": entries, "image_format": image_format, "source": source, **(extra or {})}
     write_json_atomic(out / META_NAME, meta)
