@@ -25,10 +25,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = p.add_subparsers(dest="command", required=True)
 
-    s = sub.add_parser("shards", help="image folder or the digits demo -> WebDataset shards + meta.json")
-    s.add_argument("--from-folder", help="DIR/<class name>/<image> tree")
+    s = sub.add_parser("shards", help="image folders, existing tars or the digits demo -> indexed shards folder")
+    s.add_argument("--from-folder", action="append", metavar="[SPLIT=]DIR",
+                   help="DIR/<class name>/<image> tree (a random --test-fraction is held out), or SPLIT=DIR "
+                        "once per split (e.g. --from-folder train=/in/train --from-folder test=/in/val)")
     s.add_argument("--demo", choices=["digits"], help="scikit-learn's bundled handwritten digits")
-    s.add_argument("--out", required=True)
+    s.add_argument("--adopt", metavar="DIR", help="index existing WebDataset tars in DIR in place "
+                   "(with --classes and --split; the tars are not rewritten)")
+    s.add_argument("--classes", metavar="FILE", help="--adopt: class names, one per line (or a JSON list)")
+    s.add_argument("--split", action="append", metavar="SPLIT=GLOB",
+                   help="--adopt: tar files of a split, e.g. --split 'train=*-train-*.tar' --split 'test=*-val-*.tar'")
+    s.add_argument("--label-key", default="label", help="--adopt: label field of a sample's .json (when no .cls)")
+    s.add_argument("--index", metavar="DIR", help="rebuild the index of a shards folder in place")
+    s.add_argument("--out", help="output folder (--from-folder, --demo)")
     s.add_argument("--test-fraction", type=float, default=None)
     s.add_argument("--shard-size", type=int, default=None, help="samples per shard")
     s.add_argument("--image-format", choices=["png", "jpg"], default="png")

@@ -6,7 +6,7 @@ from __future__ import annotations
 import io
 import logging
 import random
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -109,6 +109,47 @@ def shards_from_folder(
     if extra["skipped_files"]:
         log.warning("%s: skipped %d unreadable image files", src, extra["skipped_files"])
     return meta
+
+
+def shards_from_split_folders(
+    folders: Mapping[str, str | Path],
+    out: str | Path,
+    *,
+    shard_size: int = 1000,
+    seed: int = 0,
+    image_format: str = "png",
+    templates: Sequence[str] | None = None,
+    overwrite: bool = False,
+    progress: bool = True,
+) -> dict:
+    """One image-folder tree per split (e.g. ImageNet's own train and val): the official splits kept.
+
+    Classes are the first split's sorted sub-folder names; every other split's class folders must be
+    among them (labels follow the name, not the position). Each split is written in a seeded random order (mixed classes in every shard).
+    """
+    _check_format(image_format)
+    if not folders:
+        raise ValueError("no split folders given")
+    classes: list[str] | None = None
+    parts: dict[str, list[tuple[Path, int]]] = {}
+    for split, folder in folders.items():
+        names, files = _image_files(Path(folder))
+        if classes is None:
+            classes = names
+        unknown = sorted(set(names) - set(classes))
+        if unknown:
+            raise ValueError(f"{folder}: class folder(s) {unknown[:3]} not among the {len(classes)} classes of "
+                             f"{next(iter(folders.values()))}")
+        position = {name: i for i, name in enumerate(classes)}
+        parts[split] = [(path, position[names[label]]) for path, label in files]
+        random.Random(f"{seed}:order:{split}").shuffle(parts[split])  # mixed classes in every shard
+    extra = {"skipped_files": 0}
+    splits = {split: _read_files(files, image_format, extra) for split, files in parts.items()}
+    first = Path(next(iter(folders.values())))
+    return write_dataset(out, name=first.resolve().parent.name or first.name, classes=classes, splits=splits,
+                         templates=templates, source="folders:" + ",".join(f"{s}={Path(f).name}" for s, f in folders.items()),
+                         image_format=image_format, shard_size=shard_size, overwrite=overwrite, progress=progress,
+                         totals={s: len(f) for s, f in parts.items()}, extra=extra)
 
 
 def digits_images(image_size: int = 32) -> tuple[list[Image.Image], np.ndarray]:
