@@ -27,7 +27,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 from pipeline.data import make_loader  # noqa: E402
-from pipeline.shards import read_meta, shards_from_digits  # noqa: E402
+from pipeline.data.meta import read_meta  # noqa: E402
+from pipeline.data.sources import shards_from_digits  # noqa: E402
 
 log = logging.getLogger("bench_loader")
 

@@ -25,8 +25,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = p.add_subparsers(dest="command", required=True)
 
-    s = sub.add_parser("shards", help="image folder or a demo data set -> WebDataset shards + meta.json")
-    s.add_argument("--from-folder", help="DIR/<class name>/<image> tree")
+    s = sub.add_parser("shards", help="image folders, existing tars or a demo data set -> indexed shards folder")
+    s.add_argument("--from-folder", action="append", metavar="[SPLIT=]DIR",
+                   help="DIR/<class name>/<image> tree (a random --test-fraction is held out), or SPLIT=DIR "
+                        "once per split (e.g. --from-folder train=/in/train --from-folder test=/in/val)")
     s.add_argument("--demo", choices=["digits", "fashion"],
                    help="digits: scikit-learn's bundled handwritten digits; fashion: Fashion-MNIST from its IDX "
                         "files (Debian package dataset-fashion-mnist; official train/test split plus a val split)")
@@ -35,7 +37,14 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--val-per-class", type=int, default=100,
                    help="fashion: images per class carved from the official train split into `val` (0: none)")
     s.add_argument("--limit", type=int, default=None, help="fashion: first N images of each official split only")
-    s.add_argument("--out", required=True)
+    s.add_argument("--adopt", metavar="DIR", help="index existing WebDataset tars in DIR in place "
+                   "(with --classes and --split; the tars are not rewritten)")
+    s.add_argument("--classes", metavar="FILE", help="--adopt: class names, one per line (or a JSON list)")
+    s.add_argument("--split", action="append", metavar="SPLIT=GLOB",
+                   help="--adopt: tar files of a split, e.g. --split 'train=*-train-*.tar' --split 'test=*-val-*.tar'")
+    s.add_argument("--label-key", default="label", help="--adopt: label field of a sample's .json (when no .cls)")
+    s.add_argument("--index", metavar="DIR", help="rebuild the index of a shards folder in place")
+    s.add_argument("--out", help="output folder (--from-folder, --demo)")
     s.add_argument("--test-fraction", type=float, default=None)
     s.add_argument("--shard-size", type=int, default=None, help="samples per shard")
     s.add_argument("--image-format", choices=["png", "jpg"], default="png")

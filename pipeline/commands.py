@@ -20,11 +20,17 @@ log = logging.getLogger(__name__)
 
 
 def cmd_shards(args: argparse.Namespace) -> int:
-    from . import shards
+    from .data import adopt
+    from .data import sources as shards
 
-    if bool(args.from_folder) == bool(args.demo):
-        raise ConfigError("capt shards: give exactly one of --from-folder DIR or --demo digits|fashion")
+    given = [name for name in ("from_folder", "demo", "adopt", "index") if getattr(args, name)]
+    if len(given) != 1:
+        raise ConfigError("capt shards: give exactly one of --from-folder, --demo digits|fashion, --adopt DIR, "
+                          "--index DIR")
+    if (args.from_folder or args.demo) and not args.out:
+        raise ConfigError("capt shards: --out is required with --from-folder and --demo")
     t0 = time.perf_counter()
+    where = Path(args.out or args.adopt or args.index) / "meta.json"
     if args.demo == "fashion":
         from .fashion import shards_from_fashion
 
@@ -35,14 +41,37 @@ def cmd_shards(args: argparse.Namespace) -> int:
     elif args.demo:
         meta = shards.shards_from_digits(args.out, test_fraction=args.test_fraction or 0.3, seed=args.seed,
                                          shard_size=args.shard_size or 500, overwrite=args.overwrite)
-    else:
-        meta = shards.shards_from_folder(args.from_folder, args.out, test_fraction=args.test_fraction or 0.2,
+    elif args.adopt:
+        if not args.classes or not args.split:
+            raise ConfigError("capt shards --adopt: needs --classes FILE and at least one --split SPLIT=GLOB")
+        meta = adopt.adopt(args.adopt, classes_file=args.classes, splits=_pairs(args.split, "--split"),
+                           label_key=args.label_key, overwrite=args.overwrite)
+    elif args.index:
+        meta = adopt.reindex(args.index)
+    elif all("=" not in item for item in args.from_folder) and len(args.from_folder) == 1:
+        meta = shards.shards_from_folder(args.from_folder[0], args.out, test_fraction=args.test_fraction or 0.2,
                                          seed=args.seed, shard_size=args.shard_size or 1000,
                                          image_format=args.image_format, overwrite=args.overwrite)
+    else:
+        meta = shards.shards_from_split_folders(_pairs(args.from_folder, "--from-folder"), args.out, seed=args.seed,
+                                                shard_size=args.shard_size or 1000,
+                                                image_format=args.image_format, overwrite=args.overwrite)
     counts = {f"{k}_samples": v["count"] for k, v in meta["splits"].items()}
-    print(f"wrote {sum(counts.values())} samples, {len(meta['classes'])} classes -> {Path(args.out) / 'meta.json'}"
-          f" ({time.perf_counter() - t0:.1f}s)")
+    print(f"indexed {sum(counts.values())} samples ({', '.join(f'{k} {v}' for k, v in counts.items())}), "
+          f"{len(meta['classes'])} classes -> {where} ({time.perf_counter() - t0:.1f}s)")
     return 0
+
+
+def _pairs(items: list[str], flag: str) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for item in items:
+        split, sep, value = item.partition("=")
+        if not sep or not split or not value:
+            raise ConfigError(f"{flag} {item!r}: expected SPLIT=VALUE")
+        if split in out:
+            raise ConfigError(f"{flag}: split {split!r} given twice")
+        out[split] = value
+    return out
 
 
 def cmd_tiny_clip(args: argparse.Namespace) -> int:

@@ -15,6 +15,7 @@ trial), and :mod:`pipeline.compare_table` (the table and its statistics).
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import time
 from pathlib import Path
@@ -25,6 +26,7 @@ from pipeline.compare_plan import PROTOCOLS, load_compare  # noqa: F401  (re-exp
 from pipeline.compare_stats import paired_comparisons, paired_markdown
 from pipeline.compare_table import COLUMNS, aggregate, cross_average, honesty_problems, to_csv, to_markdown
 from pipeline.compare_tuning import apply_tuned, run_tuning, tuning_notes
+from pipeline.config import from_dict
 from pipeline.runs import write_summary
 
 log = logging.getLogger(__name__)
@@ -48,7 +50,7 @@ def run_compare(plan: dict[str, Any]) -> dict[str, Any]:
            "cpus": s["resources"].get("cpu", 1), "tapt": plan.get("tapt")}
     t0 = time.perf_counter()
     chosen = run_tuning(plan["tuning"], out) if plan.get("tuning") else {}
-    cells = run_cells(apply_tuned(plan["cells"], chosen), ctx, s)
+    cells = run_cells(prepare_data(apply_tuned(plan["cells"], chosen), out / "data_subsets"), ctx, s)
     if plan.get("tapt"):
         cells += run_cells(_tapt_cells(plan, cells), ctx, s)
     methods = plan["methods"] + sorted({c["method"] for c in cells if c["method"] not in plan["methods"]})
@@ -70,6 +72,26 @@ def run_compare(plan: dict[str, Any]) -> dict[str, Any]:
     write_summary(out, command="compare", config={"source": plan["source"], **plan["doc"]}, metrics={},
                   **summary)
     return summary
+
+
+def prepare_data(cells: list[dict[str, Any]], cache: Path) -> list[dict[str, Any]]:
+    """Set ``data.cache`` (unless set) on every cell and build each distinct data subset once, before
+    the cells run (pipeline/data/subsets.py); cells then read only their subsets."""
+    from pipeline.clip import image_size_of
+    from pipeline.task import prepare_subsets
+
+    seen: set[str] = set()
+    out = []
+    for cell in cells:
+        cfg = from_dict(cell["config"])
+        if not cfg.data.cache:
+            cfg = cfg.replace(**{"data.cache": str(cache)})
+        key = json.dumps([cfg.to_dict()["data"], cfg.model.name], sort_keys=True, default=str)
+        if key not in seen:
+            seen.add(key)
+            prepare_subsets(cfg.data, image_size_of(cfg.model.name))
+        out.append({**cell, "config": cfg.to_dict()})
+    return out
 
 
 def _paired(plan: dict[str, Any], cells: list[dict[str, Any]], methods: list[str]) -> list[dict[str, Any]]:

@@ -97,6 +97,12 @@ class DataConfig:
     test_limit: int | None = None  # evaluate on at most this many test images (None = all)
     strict: bool = False  # corrupt shard: error instead of skip-with-warning
     cross_datasets: tuple[str, ...] = ()  # other shard folders evaluated zero-shot after training
+    augment: str = "rrcrop_flip"  # none | flip | rrcrop_flip (random resized crop + flip, as the peers train)
+    shuffle: bool = True  # training order shuffled per epoch (seeded by run.seed and the epoch)
+    stream: str = "auto"  # auto: a split larger than data.memory_mb streams | always | never
+    memory_mb: int = 4096  # per split: the decoded uint8 split held in memory up to this size
+    workers: int = 2  # DataLoader workers that decode a streamed training split
+    cache: str = ""  # folder of content-addressed subsets (the search sets <storage>/data_subsets)
 
 
 @dataclass(frozen=True)
@@ -185,6 +191,8 @@ _CHOICES: dict[str, tuple[str, ...]] = {
     "loss.alpha_rule": ("fixed", "ratio", "confidence"),
     "loss.frozen_input": ("clean", "adv"),
     "data.classes": ("all", "base", "new"),
+    "data.augment": ("none", "flip", "rrcrop_flip"),
+    "data.stream": ("auto", "always", "never"),
     "eval.attack": ("pgd", "cw", "none"),
 }
 _FINAL_ATTACKS = ("pgd10", "pgd100", "cw100", "autoattack")
@@ -275,6 +283,8 @@ def validate(cfg: Config) -> None:
         raise ConfigError("optim: lr must be > 0, epochs >= 0, batch_size >= 1, warmup_epochs >= 0")
     if cfg.loss.lam < 0 or not 0 <= cfg.loss.alpha <= 1:
         raise ConfigError("loss.lam must be >= 0 and loss.alpha in [0, 1]")
+    if cfg.data.memory_mb < 0 or cfg.data.workers < 0:
+        raise ConfigError("data.memory_mb / data.workers must be >= 0")
     if cfg.data.shots is not None and cfg.data.shots < 1:
         raise ConfigError(f"data.shots: {cfg.data.shots} must be >= 1 or null (all)")
     if cfg.loss.objective in ("ce_adv", "capt", "fap") and a.name == "none":

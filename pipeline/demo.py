@@ -44,7 +44,7 @@ def _lock(path: Path) -> Iterator[None]:
 
 def ensure_demo(root: str | Path | None = None, *, progress: bool = True) -> DemoAssets:
     """Digits shards + tiny CLIP under ``root`` (default :func:`cache_dir`), built on first use."""
-    from .shards import shards_from_digits
+    from .data.sources import shards_from_digits
     from .tinyclip import TinyClipConfig, tiny_clip_from_shards
 
     base = Path(root) if root is not None else cache_dir()
@@ -69,7 +69,8 @@ def ensure_shifted(root: str | Path | None = None, *, progress: bool = False) ->
     """
     from PIL import ImageOps
 
-    from .shards import DIGIT_NAMES, DIGIT_TEMPLATES, _stratified, digits_images, write_dataset
+    from .data.sources import DIGIT_NAMES, DIGIT_TEMPLATES, _stratified, digits_images
+    from .data.write import write_dataset
 
     base = Path(root) if root is not None else cache_dir()
     out = base / "digits-inverted"

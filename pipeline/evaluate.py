@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from .attacks import Attack, build_attack
-from .pixels import as_pixels
+from .data.pixels import as_pixels
 from .prompts import FixedTextClassifier, PromptedCLIP
 
 # name -> (attack, steps)

@@ -122,7 +122,7 @@ def shards_from_fashion(out: str | Path, *, source: str | Path | None = None, va
     """
     from PIL import Image
 
-    from .shards import write_dataset  # the data layer's writer (one place for the shard format)
+    from .data.write import write_dataset  # the data layer's writer (one place for the shard format)
 
     if val_per_class < 0:
         raise ValueError(f"val_per_class must be >= 0, got {val_per_class}")

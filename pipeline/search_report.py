@@ -52,9 +52,24 @@ def prepare(spec: SearchSpec) -> Plan:
     storage = storage if "://" in storage else str(Path(storage).expanduser().resolve())
     optuna_url = search_stores.optuna_url(spec.search.optuna_storage, out)
     exp_id = tracking.ensure_experiment(uri, spec.tracking.experiment or spec.search.name, out / "mlartifacts")
-    name = from_dict(base).model.name
+    size = image_size(from_dict(base).model.name)
+    base = prepare_data(base, storage if "://" not in storage else str(out), size)
     return Plan(out=out, base=base, storage_path=storage, experiment_path=f"{storage.rstrip('/')}/{spec.search.name}",
-                optuna_url=optuna_url, tracking_uri=uri, experiment_id=exp_id, image_size=image_size(name))
+                optuna_url=optuna_url, tracking_uri=uri, experiment_id=exp_id, image_size=size)
+
+
+def prepare_data(base: dict[str, Any], storage: str, size: int) -> dict[str, Any]:
+    """Point ``data.cache`` at ``<storage>/data_subsets`` (unless set) and build the base config's
+    subsets there once, before any trial: trials then read only those (pipeline/data/subsets.py).
+    A trial whose sampled ``data.*`` values select another subset builds it on first use."""
+    from pipeline.task import prepare_subsets
+
+    cfg = from_dict(base)
+    if not cfg.data.cache:
+        cfg = cfg.replace(**{"data.cache": str(Path(storage) / "data_subsets")})
+    for role, folder in prepare_subsets(cfg.data, size).items():
+        log.info("data: %s subset %s", role, folder)
+    return cfg.to_dict()
 
 
 def resolve_base(base: dict[str, Any]) -> dict[str, Any]:

@@ -50,7 +50,7 @@ from . import losses
 from .adamw import AdamWState, adamw_init, adamw_step  # noqa: F401  (AdamWState: re-exported)
 from .attacks import attack_mode, build_attack, project_linf
 from .config import ConfigError
-from .pixels import as_pixels
+from .data.pixels import as_pixels
 from .prompts import FixedTextClassifier, PromptedCLIP
 from .tapt_stats import (
     TaptStats,

@@ -45,7 +45,7 @@ from tqdm import tqdm
 
 from .attacks import Attack
 from .config import ConfigError
-from .pixels import as_pixels
+from .data.pixels import as_pixels
 from .prompts import FixedTextClassifier, PromptedCLIP, no_autocast
 
 PUBLISHED_LAYERS = tuple(range(8))  # official code: blocks 0..7 (ALIGN_LAYER_FROM=0, ALIGN_LAYER_TO - 1 = 8)

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 
 from .clip import bare_model, register_model_configs
 from .config import ConfigError
-from .pixels import as_pixels
+from .data.pixels import as_pixels
 
 log = logging.getLogger(__name__)
 

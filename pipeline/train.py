@@ -23,6 +23,7 @@ from . import losses
 from .attacks import build_attack
 from .clip import load_clip
 from .config import Config, ConfigError, eval_eps
+from .data import augment
 from .evaluate import accuracy
 from .prompts import PromptedCLIP, class_logits
 from .task import TaskData
@@ -215,7 +216,8 @@ def train(cfg: Config, task: TaskData, *, report: Report | None = None, out_dir:
 
 def train_epoch(model: PromptedCLIP, cfg: Config, task: TaskData, attack, objective: Objective,
                 opt: torch.optim.Optimizer, epoch: int, device: torch.device) -> dict[str, float]:
-    """One pass over the training set; returns the sample-weighted mean loss and loss parts.
+    """One pass over the training set (augmented per ``data.augment``); returns the sample-weighted
+    mean loss and loss parts.
 
     The sums stay on the device (float64: the same numbers as summing ``.item()`` values) and are
     read once per epoch, so a GPU step never waits for the host. A non-finite loss is therefore
@@ -225,7 +227,9 @@ def train_epoch(model: PromptedCLIP, cfg: Config, task: TaskData, attack, object
     sums: dict[str, torch.Tensor] = {}
     finite = torch.ones((), dtype=torch.bool, device=device)
     n = 0
+    g = augment.generator(cfg.run.seed, epoch)
     for x, y in task.batches(cfg.optim.batch_size, epoch=epoch, seed=cfg.run.seed):
+        x = augment.augment(x, cfg.data.augment, g)  # the attack below is crafted on the augmented batch
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
         with autocast(cfg, device):
             loss, parts = objective(Step(model, cfg, x, y, attack))

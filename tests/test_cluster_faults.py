@@ -29,10 +29,10 @@ import pytest
 from mlflow import MlflowClient
 
 from pipeline import tracking
+from pipeline.data.sources import shards_from_digits
 from pipeline.search_algo import TUNE_ID_ATTR, make_scheduler
 from pipeline.search_resume import EVENTS_FILE, RecordedScheduler
 from pipeline.search_space import load_search
-from pipeline.shards import shards_from_digits
 
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent

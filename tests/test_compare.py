@@ -93,7 +93,7 @@ def test_compare_end_to_end(tmp_path, monkeypatch, capsys):
     from mlflow import MlflowClient
 
     from pipeline.cli import main
-    from pipeline.shards import shards_from_digits
+    from pipeline.data.sources import shards_from_digits
 
     monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
     data = tmp_path / "digits"

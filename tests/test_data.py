@@ -14,9 +14,20 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader
 
-from pipeline import data, pixels, shards
-from pipeline.data import ShardSource, base_new_split, few_shot_indices, load_split, make_dataset, shard_urls
-from pipeline.shards import read_meta, shards_from_digits, shards_from_folder, write_dataset
+from pipeline import data
+from pipeline.data import (
+    ShardSource,
+    base_new_split,
+    few_shot_indices,
+    load_split,
+    make_dataset,
+    pixels,
+    shard_urls,
+)
+from pipeline.data import write as shards
+from pipeline.data.meta import read_meta
+from pipeline.data.sources import shards_from_digits, shards_from_folder
+from pipeline.data.write import write_dataset
 
 NUM_CLASSES = 4
 

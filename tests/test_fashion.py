@@ -10,7 +10,7 @@ import torch
 
 from pipeline import data, fashion
 from pipeline.cli import main
-from pipeline.pixels import as_pixels
+from pipeline.data.pixels import as_pixels
 
 
 def _fake_idx(folder: Path, n_train: int = 40, n_test: int = 20) -> dict[str, tuple[np.ndarray, np.ndarray]]:
@@ -75,7 +75,7 @@ def test_env_var_points_at_the_files(tmp_path: Path, monkeypatch) -> None:
 def test_tiny_clip_on_fashion_and_digits_together(tmp_path: Path, monkeypatch, capsys) -> None:
     """The stronger demo CLIP's path, at a tiny setting: two data sets, per-data-set zero-shot accuracy."""
     from pipeline import demo
-    from pipeline.shards import shards_from_digits
+    from pipeline.data.sources import shards_from_digits
 
     _fake_idx(tmp_path / "idx", n_train=40, n_test=20)
     monkeypatch.setenv(fashion.ENV_VAR, str(tmp_path / "idx"))

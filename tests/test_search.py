@@ -17,9 +17,9 @@ import torch
 from mlflow import MlflowClient
 
 from pipeline import tracking
+from pipeline.data.sources import shards_from_digits
 from pipeline.search import TUNE_ID_ATTR, CaptOptunaSearch, make_searcher, run_search
 from pipeline.search_space import load_search
-from pipeline.shards import shards_from_digits
 
 ROOT = Path(__file__).resolve().parent.parent
 SMOKE = ROOT / "search_spaces" / "smoke.yaml"

@@ -20,11 +20,11 @@ import pytest
 from mlflow import MlflowClient
 
 from pipeline import tracking
+from pipeline.data.sources import shards_from_digits
 from pipeline.search import TUNE_ID_ATTR
 from pipeline.search_algo import make_scheduler
 from pipeline.search_resume import EVENTS_FILE
 from pipeline.search_space import load_search
-from pipeline.shards import shards_from_digits
 
 ROOT = Path(__file__).resolve().parent.parent
 SMOKE = "search_spaces/smoke.yaml"

@@ -259,7 +259,7 @@ def test_eval_config_validation():
 @pytest.fixture(scope="module")
 def run_folder(tmp_path_factory):
     from pipeline.config import load_config
-    from pipeline.shards import shards_from_digits
+    from pipeline.data.sources import shards_from_digits
     from pipeline.task import load_task
     from pipeline.train import train
 

@@ -42,5 +42,7 @@ def to_tensor(image: Image.Image, size: int) -> torch.Tensor:
 
 def as_pixels(x: torch.Tensor) -> torch.Tensor:
     """Images as float pixels in [0, 1]: uint8 divided by 255 (exactly the floats of :func:`to_tensor`);
-    float input is returned as is."""
+    float input is returned as is. A lazily read array (:class:`pipeline.data.read.LazyImages`) is read first."""
+    if not isinstance(x, torch.Tensor):
+        x = x.load()
     return x.float().div_(255.0) if x.dtype == torch.uint8 else x

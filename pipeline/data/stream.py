@@ -33,8 +33,8 @@ from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset
 from webdataset.tariterators import group_by_keys, tar_file_expander
 
-from pipeline.pixels import to_tensor, to_uint8
-from pipeline.shards import META_NAME, read_meta, validate_meta
+from .meta import META_NAME, read_meta, validate_meta
+from .pixels import to_tensor, to_uint8
 
 log = logging.getLogger(__name__)
 
