@@ -112,8 +112,10 @@ def _tapt_cells(plan: dict[str, Any], cells: list[dict[str, Any]]) -> list[dict[
         for c in trained:
             scores.setdefault(c["method"], []).append(c["metrics"].get("pgd100_acc") or 0.0)
         wanted = max(scores, key=lambda k: sum(scores[k]) / len(scores[k]))
-    return [{**c, "method": f"{wanted}+tapt", "key": f"{wanted}+tapt-few_shot-s{c['seed']}", "tapt_of": c["key"]}
-            for c in trained if c["method"] == wanted]
+    variants = plan.get("tapt_variants") or {"": {k: v for k, v in plan["tapt"].items() if k != "method"}}
+    return [{**c, "method": f"{wanted}+tapt{suffix}", "key": f"{wanted}+tapt{suffix}-few_shot-s{c['seed']}",
+             "tapt_of": c["key"], "tapt_opts": opts}
+            for suffix, opts in variants.items() for c in trained if c["method"] == wanted]
 
 
 def register(subparsers: Any) -> None:

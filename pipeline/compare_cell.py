@@ -70,17 +70,15 @@ def _train_cell(cfg, run, work: Path, device, report) -> dict[str, float]:
 def _tapt_cell(cfg, cell, ctx, work: Path, device) -> dict[str, float]:
     """TAPT on a trained cell's prompts: the paper protocol (PGD-100 transfer) and the adaptive attack."""
     from pipeline.attacks import build_attack
+    from pipeline.compare_plan import tapt_options
     from pipeline.runs import load_run
-    from pipeline.tapt import TaptConfig, TaptEvalConfig, evaluate_tapt
+    from pipeline.tapt import TaptEvalConfig, evaluate_tapt
     from pipeline.tapt_stats import compute_stats, resolve_layers
     from pipeline.task import load_task
 
     base_cfg, model = load_run(Path(ctx["out"]) / "cells" / cell["tapt_of"], device)
-    opts = dict(ctx.get("tapt") or {})
-    ev = TaptEvalConfig(eps=base_cfg.attack.eps, attack_steps=int(opts.pop("attack_steps", 100)),
-                        adaptive_steps=int(opts.pop("adaptive_steps", 10)), seed=cell["seed"])
-    adv_images = str(opts.pop("adv_images", "pgd"))
-    tcfg = TaptConfig(**{k: v for k, v in opts.items() if k not in ("method",)})
+    tcfg, ev_kw, adv_images = tapt_options(cell["tapt_opts"])
+    ev = TaptEvalConfig(eps=base_cfg.attack.eps, seed=cell["seed"], **ev_kw)
     task = load_task(base_cfg.data, model.image_size)
     layers = resolve_layers(tcfg.layers, model.n_vision_layers)
     attack = build_attack("pgd", eps=base_cfg.attack.eps_px, steps=10, module=model, keep_best=False)

@@ -54,7 +54,47 @@ def load_compare(path: str | Path, overrides: list[str]) -> dict[str, Any]:
     plan = {"cells": cells, "methods": list(methods), "settings": settings, "tapt": doc.get("tapt"),
             "tracking": doc.get("tracking") or {}, "source": str(Path(path).resolve()), "doc": doc}
     plan["tuning"] = tuning_docs(plan)  # validated now, before anything runs
+    plan["tapt_variants"] = tapt_variants(doc.get("tapt"))
     return plan
+
+
+_TAPT_EVAL = ("attack_steps", "adaptive_steps")
+
+
+def tapt_variants(tapt: dict[str, Any] | None) -> dict[str, dict[str, Any]]:
+    """``tapt`` section -> {method suffix: options}: ``+tapt`` with the section's options, and one
+    ``+tapt-<name>`` per entry of ``tapt.variants`` (options overriding the section's), each checked.
+
+    E.g. ``variants: {official: {reset: official, adv_images: clean}}`` adds the released code's TAPT.
+    """
+    if not tapt:
+        return {}
+    base = {k: v for k, v in tapt.items() if k not in ("method", "variants")}
+    variants = tapt.get("variants") or {}
+    if not isinstance(variants, dict):
+        raise ConfigError(f"tapt.variants: expected a mapping name -> options, got {variants!r}")
+    out = {"": base, **{f"-{name}": {**base, **(v or {})} for name, v in variants.items()}}
+    for suffix, opts in out.items():
+        try:
+            tapt_options(opts)
+        except (ConfigError, TypeError) as exc:
+            raise ConfigError(f"tapt{' variant ' + suffix[1:] if suffix else ''}: {exc}") from None
+    return out
+
+
+def tapt_options(opts: dict[str, Any]) -> tuple[Any, dict[str, int], str]:
+    """(TaptConfig, TaptEvalConfig keywords, adv_images) from one variant's options."""
+    from pipeline.tapt import TaptConfig
+    from pipeline.tapt_stats import ADV_IMAGES
+
+    rest = {k: v for k, v in opts.items() if k not in (*_TAPT_EVAL, "adv_images")}
+    adv_images = str(opts.get("adv_images", "pgd"))
+    if adv_images not in ADV_IMAGES:
+        raise ConfigError(f"adv_images must be one of {list(ADV_IMAGES)}, got {adv_images!r}")
+    if "layers" in rest and rest["layers"] is not None:
+        rest["layers"] = tuple(rest["layers"])
+    ev = {"attack_steps": int(opts.get("attack_steps", 100)), "adaptive_steps": int(opts.get("adaptive_steps", 10))}
+    return TaptConfig(**rest), ev, adv_images
 
 
 def _protocols(value: Any) -> dict[str, dict[str, Any]]:

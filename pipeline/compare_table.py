@@ -10,10 +10,13 @@ from __future__ import annotations
 
 import csv
 import io
+import itertools
 import math
+import re
 from collections.abc import Sequence
 from typing import Any
 
+_EPS_KEY = re.compile(r"^((?:base_|new_|xd_.+_)?)(pgd10|pgd100|cw100|autoattack)_acc(?:_eps([0-9.]+))?$")
 # (protocol, metric key in the cell's metrics, column title); percent unless noted
 COLUMNS: list[tuple[str, str, str]] = [
     ("few_shot", "clean_acc", "clean"),
@@ -136,12 +139,42 @@ def to_csv(rows: Sequence[dict[str, Any]]) -> str:
     return buf.getvalue()
 
 
+def _primary_eps(cell: dict[str, Any]) -> float | None:
+    """The eps of the un-suffixed robust metrics: ``eval.eps``, else the training eps (from the cell's config)."""
+    cfg = cell.get("config") or {}
+    value = (cfg.get("eval") or {}).get("eps")
+    value = (cfg.get("attack") or {}).get("eps") if value is None else value
+    return None if value is None else float(value)
+
+
+def eps_problems(cell: dict[str, Any], tag: str) -> list[str]:
+    """Accuracy must not rise with eps: ``<prefix><attack>_acc[_eps<E>]`` for every attack and prefix."""
+    curves: dict[str, dict[float, float]] = {}
+    primary = _primary_eps(cell)
+    for key, value in cell["metrics"].items():
+        match = _EPS_KEY.match(key)
+        if match is None or value is None or not math.isfinite(value):
+            continue
+        eps = float(match.group(3)) if match.group(3) else primary
+        if eps is not None:
+            curves.setdefault(match.group(1) + match.group(2), {})[eps] = float(value)
+    out = []
+    for name, curve in sorted(curves.items()):
+        points = sorted(curve.items())
+        for (e1, a1), (e2, a2) in itertools.pairwise(points):
+            if a2 > a1 + 1e-9:
+                out.append(f"{tag}: {name}_acc rises with eps: {a1:.3f} at {e1:g} < {a2:.3f} at {e2:g}")
+    return out
+
+
 def honesty_problems(cells: Sequence[dict[str, Any]]) -> list[str]:
     """Cells breaking the honesty rules: robust > clean, AutoAttack > PGD-100 (same model, same eps,
-    same images: when AutoAttack ran on a subset, against PGD-100 on that subset)."""
+    same images: when AutoAttack ran on a subset, against PGD-100 on that subset), accuracy rising
+    with eps (:func:`eps_problems`)."""
     problems = []
     for c in cells:
         m, tag = c["metrics"], f"{c['method']}/{c['protocol']}/seed{c['seed']}"
+        problems += eps_problems(c, tag)
         for prefix in ("", "base_", "new_"):
             pairs = [("clean", "PGD-100", m.get(f"{prefix}clean_acc"), m.get(f"{prefix}pgd100_acc"), "")]
             sub = "on the AutoAttack subset" if m.get(f"{prefix}pgd100-aasub_acc") is not None else ""

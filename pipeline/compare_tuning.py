@@ -52,6 +52,7 @@ def tuning_docs(plan: dict[str, Any]) -> dict[str, dict[str, Any]]:
         if split == cell["config"]["data"]["test_split"]:
             raise ConfigError(f"tuning.split: {split!r} is the test split; tune on a split carved from the "
                               "training data (e.g. `val` of `capt shards --demo fashion`)")
+        _check_split(cell["config"]["data"]["path"], split)
         base = from_dict(cell["config"]).replace(**{"data.test_split": split, "data.seed": seed, "run.seed": seed,
                                                      "data.cross_datasets": []}).to_dict()
         space = {**(tuning.get("space") or {}), **((tuning.get("method_space") or {}).get(method) or {})}
@@ -69,6 +70,15 @@ def tuning_docs(plan: dict[str, Any]) -> dict[str, dict[str, Any]]:
             raise ConfigError(f"tuning ({method}): {exc}") from None
         docs[method] = doc
     return docs
+
+
+def _check_split(path: str, split: str) -> None:
+    """A local shards folder must hold the tuning split (remote ones are checked when read)."""
+    from pipeline.shards import META_NAME, read_meta
+
+    if path and (Path(path) / META_NAME).is_file() and split not in read_meta(path)["splits"]:
+        raise ConfigError(f"tuning.split: {path} has no split {split!r} (make one with `capt shards --demo fashion`, "
+                          "which carves `val` from the training data)")
 
 
 def run_tuning(docs: dict[str, dict[str, Any]], out: Path) -> dict[str, dict[str, Any]]:

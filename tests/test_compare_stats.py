@@ -66,3 +66,18 @@ def test_table_with_95_percent_intervals():
     assert ci95(rows[0]["clean"]) == pytest.approx(t_interval([0.1, 0.2, 0.3, 0.4, 0.5])[1])
     assert "| capt | 30.0 ± 19.6 |" in to_markdown(rows, spread="ci95")
     assert "| capt | 30.0 ± 15.8 |" in to_markdown(rows)
+
+
+def test_honesty_accuracy_falls_with_eps():
+    from pipeline.compare_table import honesty_problems
+
+    cell = {"method": "capt", "protocol": "few_shot", "seed": 0, "config": {"attack": {"eps": 2.0}, "eval": {}},
+            "metrics": {"clean_acc": 0.9, "pgd100_acc": 0.5, "pgd100_acc_eps1": 0.6, "pgd100_acc_eps4": 0.3,
+                        "base_pgd100_acc": 0.4, "base_pgd100_acc_eps4": 0.2}}
+    assert honesty_problems([cell]) == []
+    cell["metrics"]["pgd100_acc_eps4"] = 0.55  # above the eps-2 figure
+    problems = honesty_problems([cell])
+    assert len(problems) == 1 and "pgd100_acc rises with eps: 0.500 at 2 < 0.550 at 4" in problems[0]
+    cell["metrics"]["pgd100_acc_eps4"] = 0.3
+    cell["metrics"]["base_pgd100_acc_eps4"] = 0.45
+    assert "base_pgd100_acc rises with eps" in honesty_problems([cell])[0]
