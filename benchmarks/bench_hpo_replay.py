@@ -44,24 +44,28 @@ from hpo_replay import (  # noqa: E402
 from pipeline.config import read_yaml  # noqa: E402
 
 OURS, BASELINE, TWO_OBJ = "tpe+asha", "random", "tpe+asha 2-obj"
+SAME = "tpe+asha, same trial count"
 
 
 def run_strategy(doc: dict[str, Any], table: Table, name: str, seeds: list[int], trials: int,
-                 search: dict[str, Any], engine: Any = None) -> dict[str, Any]:
+                 search: dict[str, Any], engine: Any = None, same_trials: bool = False) -> dict[str, Any]:
+    """Replays of one strategy, one per seed, on the budget of ``trials`` full trials (ASHA: as many
+    trials as fit; ``same_trials``: exactly ``trials`` trials, using what ASHA leaves of the budget)."""
     budget = trials * table.epochs
-    curves, hvs, counts, pruned, t0 = [], [], [], [], time.perf_counter()
+    curves, hvs, counts, pruned, used, t0 = [], [], [], [], [], time.perf_counter()
     for seed in seeds:
         spec = strategy_spec(doc, table, STRATEGIES[name], seed=seed, num_samples=trials * table.epochs,
                              search=search)
-        if spec.search.scheduler["type"] == "none":  # exactly `trials` full trials
+        if same_trials or spec.search.scheduler["type"] == "none":  # exactly `trials` trials
             spec = strategy_spec(doc, table, STRATEGIES[name], seed=seed, num_samples=trials, search=search)
         rep = engine(spec, table, budget=budget) if engine else replay(spec, table, budget=budget)
         curves.append(anytime_best(rep, budget))
         hvs.append(anytime_hypervolume(rep, budget, table.nadir))
         counts.append(len(rep.trials))
+        used.append(rep.events[-1]["cum_epochs"])
         states = [t.state for t in rep.study.trials]
         pruned.append(states.count(optuna.trial.TrialState.PRUNED))
-    return {"curves": np.array(curves), "hv": np.array(hvs), "trials": counts, "pruned": pruned,
+    return {"curves": np.array(curves), "hv": np.array(hvs), "trials": counts, "pruned": pruned, "used": used,
             "seconds_per_replay": (time.perf_counter() - t0) / len(seeds)}
 
 
@@ -87,6 +91,7 @@ def summarise(table: Table, results: dict[str, dict[str, Any]], trials: int) -> 
             "reached_table_best_minus_1pt": f"{sum(math.isfinite(x) for x in to_table)}/{len(c)}",
             "hypervolume_median": {"half_budget": round(float(hv[half]), 5), "budget": round(float(hv[-1]), 5)},
             "hv_ge_random_at_every_compute": bool(np.all(hv >= hv_random - 1e-12)),
+            "trial_epochs_used_median": float(np.median(r["used"])),
             "trials_median": float(np.median(r["trials"])), "pruned_median": float(np.median(r["pruned"])),
             "seconds_per_replay": round(r["seconds_per_replay"], 3)}
     if OURS not in results or TWO_OBJ not in results:
@@ -149,7 +154,7 @@ def markdown(summary: dict[str, Any], setup: dict[str, Any]) -> str:
              "",
              "| strategy | final best (q25 / median / q75) | best at half budget (median) | trial-epochs to random's "
              "final best (median; reached) | to table best - 1 pt (median; reached) | hypervolume at half / full "
-             "budget (median) | trials (median), pruned |",
+             "budget (median) | trials, pruned, trial-epochs used (medians) |",
              "|---|---|---|---|---|---|---|"]
     for name, s in summary["strategies"].items():
         f = s["final_best"]
@@ -157,7 +162,7 @@ def markdown(summary: dict[str, Any], setup: dict[str, Any]) -> str:
                      f"{s['best_at_half_budget']['median']:.3f} | {_fmt(s['epochs_to_random_final_best']['median'])}; "
                      f"{s['reached_random_final_best']} | {_fmt(s['epochs_to_table_best_minus_1pt']['median'])}; "
                      f"{s['reached_table_best_minus_1pt']} | {s['hypervolume_median']['half_budget']:.4f} / "
-                     f"{s['hypervolume_median']['budget']:.4f} | {s['trials_median']:.0f}, {s['pruned_median']:.0f} |")
+                     f"{s['hypervolume_median']['budget']:.4f} | {s['trials_median']:.0f}, {s['pruned_median']:.0f}, {s['trial_epochs_used_median']:.0f} |")
     return "\n".join(lines) + "\n"
 
 
@@ -205,6 +210,8 @@ def main(argv: list[str] | None = None) -> int:
     for name in args.strategies.split(","):
         results[name] = run_strategy(doc, table, name, seeds, args.trials, search, engine)
         print(f"{name}: {results[name]['seconds_per_replay']:.2f} s per replay", flush=True)
+    if OURS in results and not engine:  # ours with the trial count (not the compute) of random search
+        results[SAME] = run_strategy(doc, table, OURS, seeds, args.trials, search, same_trials=True)
     summary = summarise(table, results, args.trials)
     setup = {"table": str(args.table.name), "engine": args.engine, "seeds": args.seeds, "trials": args.trials, "search": search,
              "max_concurrent": doc["search"].get("max_concurrent"), "wall_s": round(time.perf_counter() - t0, 1),
