@@ -93,6 +93,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--set", action="append", default=[], help="extra search-file overrides (key=value)")
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "hpo_grid.json")
     p.add_argument("--limit", type=int, default=None, help="only the first N configurations (a dry run)")
+    p.add_argument("--shard", default=None, metavar="K/N",
+                   help="run every N-th configuration from the K-th (0-based) into <out>.shardK.json; a later "
+                        "run without --shard merges the shards' rows into <out>")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
@@ -102,9 +105,15 @@ def main(argv: list[str] | None = None) -> int:
     base = resolve_base(spec.base)
     size = image_size(from_dict(base).model.name)
     configs = grid_configs()[: args.limit]
-    old = json.loads(args.out.read_text()) if args.out.is_file() else {}
-    done = {key_of(r["params"]): r for r in old.get("rows", [])}
-    wall = float(old.get("wall_s", 0.0))
+    done: dict[str, Any] = {}
+    if args.shard:
+        k, n = (int(x) for x in args.shard.split("/"))
+        configs = configs[k::n]
+        args.out = args.out.with_suffix(f".shard{k}.json")
+    for path in [args.out] + ([] if args.shard else sorted(args.out.parent.glob(args.out.stem + ".shard*.json"))):
+        if path.is_file():
+            done.update({key_of(r["params"]): r for r in json.loads(path.read_text()).get("rows", [])})
+    wall = sum(r["wall_s"] for r in done.values() if key_of(r["params"]) in {key_of(c) for c in configs})
     rows = []
     for i, params in enumerate(configs):
         if key_of(params) in done:

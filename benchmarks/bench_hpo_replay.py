@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import sys
 import time
 from pathlib import Path
@@ -43,24 +44,28 @@ from hpo_replay import (  # noqa: E402
 from pipeline.config import read_yaml  # noqa: E402
 
 OURS, BASELINE, TWO_OBJ = "tpe+asha", "random", "tpe+asha 2-obj"
+SAME = "tpe+asha, same trial count"
 
 
 def run_strategy(doc: dict[str, Any], table: Table, name: str, seeds: list[int], trials: int,
-                 search: dict[str, Any]) -> dict[str, Any]:
+                 search: dict[str, Any], engine: Any = None, same_trials: bool = False) -> dict[str, Any]:
+    """Replays of one strategy, one per seed, on the budget of ``trials`` full trials (ASHA: as many
+    trials as fit; ``same_trials``: exactly ``trials`` trials, using what ASHA leaves of the budget)."""
     budget = trials * table.epochs
-    curves, hvs, counts, pruned, t0 = [], [], [], [], time.perf_counter()
+    curves, hvs, counts, pruned, used, t0 = [], [], [], [], [], time.perf_counter()
     for seed in seeds:
         spec = strategy_spec(doc, table, STRATEGIES[name], seed=seed, num_samples=trials * table.epochs,
                              search=search)
-        if spec.search.scheduler["type"] == "none":  # exactly `trials` full trials
+        if same_trials or spec.search.scheduler["type"] == "none":  # exactly `trials` trials
             spec = strategy_spec(doc, table, STRATEGIES[name], seed=seed, num_samples=trials, search=search)
-        rep = replay(spec, table, budget=budget)
+        rep = engine(spec, table, budget=budget) if engine else replay(spec, table, budget=budget)
         curves.append(anytime_best(rep, budget))
         hvs.append(anytime_hypervolume(rep, budget, table.nadir))
         counts.append(len(rep.trials))
+        used.append(rep.events[-1]["cum_epochs"])
         states = [t.state for t in rep.study.trials]
         pruned.append(states.count(optuna.trial.TrialState.PRUNED))
-    return {"curves": np.array(curves), "hv": np.array(hvs), "trials": counts, "pruned": pruned,
+    return {"curves": np.array(curves), "hv": np.array(hvs), "trials": counts, "pruned": pruned, "used": used,
             "seconds_per_replay": (time.perf_counter() - t0) / len(seeds)}
 
 
@@ -86,8 +91,11 @@ def summarise(table: Table, results: dict[str, dict[str, Any]], trials: int) -> 
             "reached_table_best_minus_1pt": f"{sum(math.isfinite(x) for x in to_table)}/{len(c)}",
             "hypervolume_median": {"half_budget": round(float(hv[half]), 5), "budget": round(float(hv[-1]), 5)},
             "hv_ge_random_at_every_compute": bool(np.all(hv >= hv_random - 1e-12)),
+            "trial_epochs_used_median": float(np.median(r["used"])),
             "trials_median": float(np.median(r["trials"])), "pruned_median": float(np.median(r["pruned"])),
             "seconds_per_replay": round(r["seconds_per_replay"], 3)}
+    if OURS not in results or TWO_OBJ not in results:
+        return out
     ours = out["strategies"][OURS]["epochs_to_random_final_best"]["median"]
     out["goal_single"] = {"ours_median_epochs_to_random_final_best": ours, "half_budget": half,
                           "met": ours <= half}
@@ -128,7 +136,7 @@ def plot(table: Table, results: dict[str, dict[str, Any]], summary: dict[str, An
     ax.set(xlabel="cumulative trial-epochs", ylabel="best robust accuracy found (completed trials)",
            title="anytime: median and quartiles over seeds", ylim=(max(lo, 0), table.best_robust + 0.02))
     ax.legend(fontsize=7, loc="lower right")
-    for name in (BASELINE, "tpe", OURS, TWO_OBJ):
+    for name in (n for n in (BASELINE, "tpe", OURS, TWO_OBJ) if n in results):
         q25, med, q75 = np.quantile(results[name]["hv"], [0.25, 0.5, 0.75], axis=0)
         bx.step(x, med, where="post", label=name)
         bx.fill_between(x, q25, q75, step="post", alpha=0.12)
@@ -146,7 +154,7 @@ def markdown(summary: dict[str, Any], setup: dict[str, Any]) -> str:
              "",
              "| strategy | final best (q25 / median / q75) | best at half budget (median) | trial-epochs to random's "
              "final best (median; reached) | to table best - 1 pt (median; reached) | hypervolume at half / full "
-             "budget (median) | trials (median), pruned |",
+             "budget (median) | trials, pruned, trial-epochs used (medians) |",
              "|---|---|---|---|---|---|---|"]
     for name, s in summary["strategies"].items():
         f = s["final_best"]
@@ -154,8 +162,21 @@ def markdown(summary: dict[str, Any], setup: dict[str, Any]) -> str:
                      f"{s['best_at_half_budget']['median']:.3f} | {_fmt(s['epochs_to_random_final_best']['median'])}; "
                      f"{s['reached_random_final_best']} | {_fmt(s['epochs_to_table_best_minus_1pt']['median'])}; "
                      f"{s['reached_table_best_minus_1pt']} | {s['hypervolume_median']['half_budget']:.4f} / "
-                     f"{s['hypervolume_median']['budget']:.4f} | {s['trials_median']:.0f}, {s['pruned_median']:.0f} |")
+                     f"{s['hypervolume_median']['budget']:.4f} | {s['trials_median']:.0f}, {s['pruned_median']:.0f}, {s['trial_epochs_used_median']:.0f} |")
     return "\n".join(lines) + "\n"
+
+
+def _tune_engine(args: argparse.Namespace) -> Any:
+    import functools
+    import tempfile
+
+    import ray
+    from hpo_replay_tune import tune_replay
+
+    here = str(Path(__file__).resolve().parent)  # the trials import hpo_replay (the pickled table)
+    os.environ["PYTHONPATH"] = os.pathsep.join([here, str(ROOT), os.environ.get("PYTHONPATH", "")])
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+    return functools.partial(tune_replay, time_scale=args.time_scale, storage_path=tempfile.mkdtemp(prefix="replay"))
 
 
 def _fmt(x: float) -> str:
@@ -171,6 +192,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--strategies", default=",".join(STRATEGIES))
     p.add_argument("--set", action="append", default=[], metavar="KEY=JSON",
                    help="search settings for every strategy, e.g. scheduler={\"grace_period\": 2}")
+    p.add_argument("--engine", choices=["loop", "tune"], default="loop",
+                   help="loop: the in-process replay (default); tune: through Ray Tune (slower)")
+    p.add_argument("--time-scale", type=float, default=0.002,
+                   help="tune engine: seconds slept per second of the table's epoch time")
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "hpo_replay")
     args = p.parse_args(argv)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -181,11 +206,14 @@ def main(argv: list[str] | None = None) -> int:
     seeds = list(range(args.seeds))
     t0 = time.perf_counter()
     results = {}
+    engine = _tune_engine(args) if args.engine == "tune" else None
     for name in args.strategies.split(","):
-        results[name] = run_strategy(doc, table, name, seeds, args.trials, search)
+        results[name] = run_strategy(doc, table, name, seeds, args.trials, search, engine)
         print(f"{name}: {results[name]['seconds_per_replay']:.2f} s per replay", flush=True)
+    if OURS in results and not engine:  # ours with the trial count (not the compute) of random search
+        results[SAME] = run_strategy(doc, table, OURS, seeds, args.trials, search, same_trials=True)
     summary = summarise(table, results, args.trials)
-    setup = {"table": str(args.table.name), "seeds": args.seeds, "trials": args.trials, "search": search,
+    setup = {"table": str(args.table.name), "engine": args.engine, "seeds": args.seeds, "trials": args.trials, "search": search,
              "max_concurrent": doc["search"].get("max_concurrent"), "wall_s": round(time.perf_counter() - t0, 1),
              "command": "python benchmarks/bench_hpo_replay.py " + " ".join(argv or sys.argv[1:])}
     args.out.parent.mkdir(parents=True, exist_ok=True)
@@ -193,7 +221,7 @@ def main(argv: list[str] | None = None) -> int:
     args.out.with_suffix(".md").write_text(markdown(summary, setup))
     plot(table, results, summary, args.out.with_suffix(".png"))
     print(markdown(summary, setup))
-    print(json.dumps({"goal_single": summary["goal_single"], "goal_two_objective": summary["goal_two_objective"]}))
+    print(json.dumps({k: summary[k] for k in ("goal_single", "goal_two_objective") if k in summary}))
     return 0
 
 

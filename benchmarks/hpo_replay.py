@@ -238,8 +238,9 @@ def strategy_spec(doc: dict[str, Any], table: Table, strategy: dict[str, Any], *
     s["points_to_evaluate"] = [p for p in ({k: v for k, v in pt.items() if k in table.grid}
                                            for pt in s.get("points_to_evaluate") or []) if p]
     s.update(seed=seed, num_samples=num_samples, optuna_storage=None)
-    for key, value in {**strategy, **(search or {})}.items():
-        s[key] = {**s.get(key, {}), **value} if isinstance(value, dict) else value
+    for settings in (strategy, search or {}):  # the strategy's, then every strategy's (merged per key)
+        for key, value in settings.items():
+            s[key] = {**(s.get(key) or {}), **value} if isinstance(value, dict) else value
     if s.get("sampler", {}).get("type") == "grid":
         s["sampler"]["grid"] = {k: list(v) for k, v in table.grid.items()}
     return load_search(None, tree=tree)

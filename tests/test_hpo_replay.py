@@ -96,3 +96,21 @@ def test_random_without_asha_runs_every_trial_in_full(doc: dict) -> None:
     rep = replay(strategy_spec(doc, table, STRATEGIES["random"], seed=1, num_samples=5), table)
     assert [f["epochs"] for f in rep.trials] == [EPOCHS] * 5
     assert [t.state.name for t in rep.study.trials] == ["COMPLETE"] * 5
+
+
+def test_sampler_setting_builds_the_sampler_and_rejects_bad_values(doc: dict) -> None:
+    from pipeline.config import ConfigError
+    from pipeline.search_algo import make_searcher
+    from pipeline.search_space import load_search
+
+    for kind, cls in (("random", optuna.samplers.RandomSampler), ("grid", optuna.samplers.GridSampler),
+                      ("tpe", optuna.samplers.TPESampler)):
+        spec = load_search(None, [f"search.sampler.type={kind}"], tree=doc)
+        searcher = make_searcher(spec, optuna.storages.InMemoryStorage()).searcher
+        assert isinstance(searcher._sampler, cls)
+    for bad, culprit in (("search.sampler.type=bayes", "search.sampler.type"),
+                         ("search.sampler.n_startup_trials=-1", "search.sampler.n_startup_trials"),
+                         ("search.sampler.grid={nope: [1]}", "search.sampler.grid"),
+                         ("search.sampler.colour=1", "search.sampler.colour")):
+        with pytest.raises(ConfigError, match=culprit.replace(".", r"\.")):
+            load_search(None, [bad], tree=doc)
