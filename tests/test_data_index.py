@@ -29,7 +29,7 @@ NUM_CLASSES = 5
 
 def _samples(n: int, num_classes: int = NUM_CLASSES, seed: int = 0):
     rng = np.random.default_rng(seed)
-    for _i in range(n):
+    for _ in range(n):
         yield rng.integers(0, 255, (6, 6, 3), dtype=np.uint8), int(rng.integers(num_classes)), None
 
 

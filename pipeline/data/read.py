@@ -142,6 +142,8 @@ def stream_batches(selection: Selection, size: int, *, batch_size: int, epoch: i
     """One epoch of uint8 training batches streamed through DataLoader workers."""
     dataset = IndexedStream(selection, size, seed=seed, shuffle=shuffle, shuffle_buffer=shuffle_buffer)
     dataset.set_epoch(epoch)
-    loader = DataLoader(dataset, batch_size=batch_size, num_workers=workers,
-                        pin_memory=torch.cuda.is_available(), persistent_workers=False)
+    # its own generator: the loader's base seed must not come from (and shift) the global RNG that the
+    # training attack's random start draws from
+    loader = DataLoader(dataset, batch_size=batch_size, num_workers=workers, pin_memory=torch.cuda.is_available(),
+                        persistent_workers=False, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
     yield from loader
