@@ -45,6 +45,7 @@ from ray import tune  # noqa: E402
 from pipeline import search_resume, search_stores, tracking  # noqa: E402
 from pipeline.config import ConfigError, from_dict  # noqa: E402
 from pipeline.search_algo import TUNE_ID_ATTR, CaptOptunaSearch, make_scheduler, make_searcher  # noqa: E402,F401
+from pipeline.search_notes import trial_label, trial_note  # noqa: E402
 from pipeline.search_space import SearchSpec, load_search  # noqa: E402
 from pipeline.search_trial import CTX, trial_main  # noqa: E402
 
@@ -52,18 +53,24 @@ log = logging.getLogger("pipeline.search")
 
 
 class MlflowStatus(tune.Callback):
-    """Driver side: the terminal status of each trial's child run, even when its process died."""
+    """Driver side: the terminal status of each trial's child run, even when its process died, with its
+    state in the run name and description (pruned: FINISHED, ``... · pruned@epoch k``; failed: FAILED)."""
 
-    def __init__(self, uri: str, experiment_id: str, parent_run_id: str, objective: str):
+    def __init__(self, uri: str, experiment_id: str, parent_run_id: str, objective: str, epochs: int):
         self.uri, self.experiment_id, self.parent_run_id, self.objective = uri, experiment_id, parent_run_id, objective
+        self.epochs = epochs
 
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        done = self.objective in (trial.last_result or {})
-        tracking.set_trial_status(self.uri, self.experiment_id, self.parent_run_id, trial.trial_id,
-                                  "FINISHED" if done else "KILLED", "COMPLETE" if done else "PRUNED")
+        self._mark(trial, "COMPLETE" if self.objective in (trial.last_result or {}) else "PRUNED")
 
     def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        tracking.set_trial_status(self.uri, self.experiment_id, self.parent_run_id, trial.trial_id, "FAILED", "FAIL")
+        self._mark(trial, "FAIL")
+
+    def _mark(self, trial: Any, state: str) -> None:
+        result = trial.last_result or {}
+        tracking.set_trial_status(self.uri, self.experiment_id, self.parent_run_id, trial.trial_id,
+                                  tracking.TRIAL_STATUS[state], state, label=trial_label(state, result.get("epoch")),
+                                  note=trial_note(state, result, self.epochs))
 
 
 # ----------------------------------------------------------------------------- the driver
@@ -152,7 +159,7 @@ def _new_tuner(spec: SearchSpec, plan: Any, storage: Any, trainable: Any, param_
         name=spec.search.name, storage_path=plan.storage_path,
         checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
         failure_config=tune.FailureConfig(max_failures=spec.search.max_failures),
-        callbacks=[MlflowStatus(plan.tracking_uri, plan.experiment_id, parent_id, spec.metrics[0])],
+        callbacks=[MlflowStatus(plan.tracking_uri, plan.experiment_id, parent_id, spec.metrics[0], epochs)],
         verbose=1)
     return tune.Tuner(trainable, param_space=param_space, tune_config=tune_config, run_config=run_config)
 

@@ -140,7 +140,8 @@ def start_parent(spec: SearchSpec, plan: Plan) -> str:
     params = {"search.name": s.name, "search.objectives": ",".join(s.objectives), "search.num_samples": s.num_samples,
               "search.max_concurrent": s.max_concurrent, "search.seed": s.seed, "search.scheduler": s.scheduler,
               "search.resources": s.resources, "search.space": ",".join(spec.space), "method": cfg.method,
-              "optim.epochs": cfg.optim.epochs}
+              "optim.epochs": cfg.optim.epochs, "eval.attack": cfg.eval.attack, "eval.steps": cfg.eval.steps,
+              "eps.unit": "1/255 of the pixel range (L-inf)"}
     doc = {**spec.to_dict(), "base": plan.base}
     run_id, reused = tracking.start_parent(plan.tracking_uri, plan.experiment_id, search_key=plan.experiment_path,
                                            run_name=s.name, tags=tags(cfg), params=params, config=doc)
@@ -160,7 +161,7 @@ def trial_context(spec: SearchSpec, plan: Plan, parent_id: str) -> dict[str, Any
     fixed = {k: v for k, v in fixed.items() if k not in spec.space}
     return {"base": plan.base, "image_size": plan.image_size, "tracking_uri": plan.tracking_uri,
             "experiment_id": plan.experiment_id, "parent_run_id": parent_id, "objectives": list(spec.search.objectives),
-            "tags": tags(cfg), "fixed_params": fixed, "inject_failure": spec.search.inject_failure}
+            "tags": {**tracking.source_tags(), **tags(cfg)}, "fixed_params": fixed, "inject_failure": spec.search.inject_failure}
 
 
 # ----------------------------------------------------------------------------- after the trials
@@ -201,8 +202,9 @@ def select_best(rows: list[dict[str, Any]], spec: SearchSpec) -> list[dict[str, 
 
 
 def _final_eval(ctx: dict[str, Any], params: dict[str, Any], checkpoint: Any, attacks: list[str],
-                eps_list: list[float]) -> tuple[dict[str, float], bytes]:
-    """A Ray task (same resources as a trial): strong attacks on the trial's final prompts."""
+                eps_list: list[float]) -> tuple[dict[str, float], bytes | None]:
+    """A Ray task (same resources as a trial): strong attacks on the trial's final prompts
+    (``checkpoint`` None: on zero-shot CLIP, the same frozen model without prompts)."""
     import tempfile
 
     from pipeline.evaluate import final_metrics
@@ -210,18 +212,24 @@ def _final_eval(ctx: dict[str, Any], params: dict[str, Any], checkpoint: Any, at
     from pipeline.train import build_model, resolve_device
 
     cfg = from_dict(ctx["base"]).replace(**params)
+    if checkpoint is None:
+        cfg = cfg.replace(**{"prompt.design": "none"})
     task = load_task(cfg.data, ctx["image_size"])
     device = resolve_device(cfg.run.device)
     torch.manual_seed(cfg.run.seed)  # as train() does: the same CLIP when its weights are randomly initialised
     model = build_model(cfg, task.classnames, task.templates, device)
-    with tempfile.TemporaryDirectory() as d:
-        checkpoint.to_directory(d)
-        state = torch.load(Path(d) / "last.pt", map_location="cpu", weights_only=True)
-    model.load_prompt_state(state["prompts"], source="search checkpoint")
+    state = None
+    if checkpoint is not None:
+        with tempfile.TemporaryDirectory() as d:
+            checkpoint.to_directory(d)
+            state = torch.load(Path(d) / "last.pt", map_location="cpu", weights_only=True)
+        model.load_prompt_state(state["prompts"], source="search checkpoint")
     model.eval()
     metrics = final_metrics(model, task.test_x, task.test_y, attacks=attacks, eps_list=eps_list,
                             primary_eps=eval_eps(cfg), batch_size=cfg.eval.batch_size, device=device,
                             autoattack_limit=cfg.eval.autoattack_limit)
+    if state is None:
+        return metrics, None
     buf = io.BytesIO()
     torch.save({"prompts": state["prompts"], "config": cfg.to_dict(), "classnames": task.classnames,
                 "templates": task.templates}, buf)
@@ -229,33 +237,51 @@ def _final_eval(ctx: dict[str, Any], params: dict[str, Any], checkpoint: Any, at
 
 
 def final_evaluation(spec: SearchSpec, ctx: dict[str, Any], chosen: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Re-evaluate the chosen trials, the first also at ``search.final_eps``: one Ray task per
-    (trial, eps), all in parallel on the trials' resources, merged per trial."""
+    """Re-evaluate the chosen trials, the first also at ``search.final_eps`` and zero-shot CLIP beside it
+    (``zero_shot``): one Ray task per (model, eps), all in parallel on the trials' resources, merged."""
     res = spec.search.resources
     task = ray.remote(_final_eval).options(num_cpus=res.get("cpu", 1), num_gpus=res.get("gpu", 0), max_retries=1)
     eps = [eval_eps(from_dict(ctx["base"]).replace(**row["params"])) for row in chosen]
-    jobs = []  # (row index, ref)
+    jobs = []  # (row index, ref); index len(chosen): zero-shot CLIP with the first trial's settings
+    attacks = list(spec.search.final_attacks)
     for i, row in enumerate(chosen):
         for e in (sorted({eps[i], *spec.search.final_eps}) if i == 0 else [eps[i]]):
-            jobs.append((i, task.remote(ctx, row["params"], row["checkpoint"], list(spec.search.final_attacks), [e])))
-    log.info("re-evaluating %d trial(s) with %s: %d Ray task(s)", len(chosen),
-             ", ".join(spec.search.final_attacks), len(jobs))
-    merged: list[dict[str, float]] = [{} for _ in chosen]
+            jobs.append((i, task.remote(ctx, row["params"], row["checkpoint"], attacks, [e])))
+            if i == 0:
+                jobs.append((len(chosen), task.remote(ctx, row["params"], None, attacks, [e])))
+    log.info("re-evaluating %d trial(s) and zero-shot CLIP with %s: %d Ray task(s)", len(chosen),
+             ", ".join(attacks), len(jobs))
+    merged: list[dict[str, float]] = [{} for _ in range(len(chosen) + 1)]
     prompts: list[bytes | None] = [None for _ in chosen]
     for (i, _), (metrics, blob) in zip(jobs, ray.get([ref for _, ref in jobs]), strict=True):
         merged[i].update(metrics)
-        prompts[i] = prompts[i] or blob
-    return [{**row, "eps": e, "final": m, "prompts": b} for row, e, m, b in zip(chosen, eps, merged, prompts, strict=True)]
+        if i < len(chosen):
+            prompts[i] = prompts[i] or blob
+    rows = [{**row, "eps": e, "final": m, "prompts": b} for row, e, m, b in zip(chosen, eps, merged, prompts, strict=False)]
+    if rows:
+        rows[0]["zero_shot"] = merged[-1]
+    return rows
 
 
-def print_table(rows: list[dict[str, Any]], attacks: list[str]) -> None:
-    """The chosen trials, to stdout."""
-    cols = ["clean", "robust", *attacks]
-    print(f"\n{'trial':<16} {'params':<60} " + " ".join(f"{c:>10}" for c in cols))
+def print_table(rows: list[dict[str, Any]]) -> None:
+    """The chosen trials, to stdout: every final metric (each attack at each eps, in 1/255) as a column,
+    then each trial's parameters with their whole names."""
+    from pipeline.search_notes import _eps_order
+
+    cols = ["clean_acc", "robust_acc", *sorted({k for r in rows for k in r["final"] if k != "clean_acc"},
+                                               key=_eps_order)]
+    zero = rows[0].get("zero_shot") if rows else None
+    width = max([len(c) for c in cols] + [10])
+    print(f"\n{'trial':<22} " + " ".join(f"{c:>{width}}" for c in cols))
     for r in rows:
-        params = " ".join(f"{k.split('.')[-1]}={_short(v)}" for k, v in sorted(r["params"].items()))
-        vals = [r["final"].get("clean_acc"), r.get("robust_acc"), *[r["final"].get(f"{a}_acc") for a in attacks]]
-        print(f"{r['trial_id']:<16} {params[:60]:<60} " + " ".join(f"{_fmt(v):>10}" for v in vals))
+        vals = [r["final"].get("clean_acc"), r.get("robust_acc"), *[r["final"].get(c) for c in cols[2:]]]
+        print(f"{r['trial_id']:<22} " + " ".join(f"{_fmt(v):>{width}}" for v in vals))
+    if zero:
+        vals = [zero.get("clean_acc"), None, *[zero.get(c) for c in cols[2:]]]
+        print(f"{'zero-shot CLIP':<22} " + " ".join(f"{_fmt(v):>{width}}" for v in vals))
+    print("(robust_acc: the per-epoch monitor at each trial's eval eps; eps in 1/255)")
+    for r in rows:
+        print(f"{r['trial_id']}: " + ", ".join(f"{k}={_short(v)}" for k, v in sorted(r["params"].items())))
     print()
 
 
@@ -278,111 +304,87 @@ def param_importances(study: optuna.Study, spec: SearchSpec) -> dict[str, float]
 
 
 def finish(spec: SearchSpec, plan: Plan, parent_id: str, storage: Any, grid: Any) -> dict[str, Any]:
-    """Pick, re-evaluate, print, plot, register, and write ``summary.json``; returns the summary."""
-    rows = trial_rows(grid, spec)
-    study = optuna.load_study(study_name=spec.search.name, storage=storage)
-    ctx = trial_context(spec, plan, parent_id)
-    best = final_evaluation(spec, ctx, select_best(rows, spec))
-    print_table(best, list(spec.search.final_attacks))
-    importances = param_importances(study, spec)
+    """Pick, re-evaluate, print, plot, register, describe, and write ``summary.json``; returns the summary."""
+    from pipeline.search_plots import log_plots
+
     uri = plan.tracking_uri
+    rows = trial_rows(grid, spec)
+    run_ids = {r.data.tags.get(tracking.TRIAL_TAG): r.info.run_id
+               for r in tracking.trial_runs(uri, plan.experiment_id, parent_id)}
+    for row in rows:
+        row["run_id"] = run_ids.get(row["trial_id"])
+    study = optuna.load_study(study_name=spec.search.name, storage=storage)
+    best = final_evaluation(spec, trial_context(spec, plan, parent_id), select_best(rows, spec))
+    print_table(best)
+    importances = param_importances(study, spec)
     counts = {s: sum(r["state"] == s for r in rows) for s in ("COMPLETE", "PRUNED", "FAIL")}
     metrics = dict(best[0]["final"], robust_acc=best[0]["robust_acc"]) if best else {}
+    zero = (best[0].get("zero_shot") or {}) if best else {}
     tracking.log_metrics(uri, parent_id, {**{f"best_{k}": v for k, v in metrics.items()},
+                                          **{f"zeroshot_{k}": v for k, v in zero.items()},
                                           **{f"n_{k.lower()}": v for k, v in counts.items()},
                                           **{f"importance_{k}": v for k, v in importances.items()}})
-    log_plots(uri, parent_id, plan.out / "plots", rows, best, importances, spec)
+    log_plots(uri, parent_id, plan.out / "plots", rows, best, importances, list(spec.search.final_attacks))
     registered = _register(spec, plan, parent_id, best)
+    _describe(spec, plan, parent_id, rows, best, counts, registered)
     states = {s.name: n for s in optuna.trial.TrialState
               if (n := len(study.get_trials(deepcopy=False, states=(s,))))}
     doc = {**spec.to_dict(), "base": plan.base}
+    url = tracking.ui_url(uri, plan.experiment_id)
     summary_path = write_summary(
-        plan.out, command="search", config=doc, metrics=metrics,
+        plan.out, command="search", config=doc, metrics=metrics, zero_shot=zero,
         best=[_public(r) for r in best], trials=[_public(r) for r in rows], counts=counts, importances=importances,
         optuna={"study": spec.search.name, "storage": redact(plan.optuna_url), "states": states},
         mlflow={"tracking_uri": redact(uri), "experiment_id": plan.experiment_id, "parent_run_id": parent_id,
-                "registered_model": registered, "ui": tracking.ui_command(uri)},
+                "best_run_id": best[0].get("run_id") if best else None, "registered_model": registered,
+                "ui": tracking.ui_command(uri), "url": url},
         tune={"experiment_path": plan.experiment_path})
     tracking.log_artifact(uri, parent_id, summary_path)
     tracking.finish_run(uri, parent_id)
-    print(f"summary: {summary_path}\nbrowse:  {tracking.ui_command(uri)}")
+    local = "" if uri.startswith(("http://", "https://")) else f"{tracking.ui_command(uri)}, then open "
+    print(f"summary: {summary_path}\nbrowse:  {local}{url}")
     return {"path": str(summary_path), "best": best, "rows": rows, "counts": counts}
 
 
+def _describe(spec: SearchSpec, plan: Plan, parent_id: str, rows: list[dict[str, Any]], best: list[dict[str, Any]],
+              counts: dict[str, int], registered: dict[str, str] | None) -> None:
+    """The parent run's and the experiment's descriptions; the parent's tag naming the best trial's run."""
+    from pipeline.search_notes import search_note
+
+    kw = {"experiment_id": plan.experiment_id, "parent_id": parent_id, "rows": rows, "best": best, "counts": counts,
+          "registered": registered}
+    tags = {tracking.BEST_TAG: best[0]["run_id"], "capt.best_trial": best[0]["trial_id"]} \
+        if best and best[0].get("run_id") else {}
+    tracking.set_note(plan.tracking_uri, parent_id, search_note(spec, plan.base, **kw), tags)
+    tracking.set_experiment_note(plan.tracking_uri, plan.experiment_id,
+                                 search_note(spec, plan.base, **kw, for_experiment=True))
+
+
 def _register(spec: SearchSpec, plan: Plan, parent_id: str, best: list[dict[str, Any]]) -> dict[str, str] | None:
+    """The best prompts under the parent's ``best_prompts/``; with ``tracking.register_model``, the champion
+    model logged in the best trial's run and registered (``pipeline/champion.py``)."""
     if not best:
         return None
     path = plan.out / "best_prompts" / "prompts.pt"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_bytes(best[0]["prompts"])
-    if not spec.tracking.register_model:
-        tracking.log_artifact(plan.tracking_uri, parent_id, path, "best_prompts")
+    tracking.log_artifact(plan.tracking_uri, parent_id, path, "best_prompts")
+    name, b = spec.tracking.register_model, best[0]
+    if not name:
         return None
-    version = tracking.register_prompts(plan.tracking_uri, parent_id, path, spec.tracking.register_model)
-    log.info("registered %s version %s as @%s", spec.tracking.register_model, version, tracking.CHAMPION)
-    return {"name": spec.tracking.register_model, "version": version, "alias": tracking.CHAMPION}
-
-
-def log_plots(uri: str, run_id: str, folder: Path, rows: list[dict[str, Any]], best: list[dict[str, Any]],
-              importances: dict[str, float], spec: SearchSpec) -> None:
-    """Trade-off (all trials, Pareto front marked), accuracy vs eps (best trial), importances: PNG + MLflow."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    folder.mkdir(parents=True, exist_ok=True)
-    figures = {"tradeoff.png": _tradeoff(plt, rows), "importances.png": _importances(plt, importances)}
-    if best:
-        figures["acc_vs_eps.png"] = _acc_vs_eps(plt, best[0], list(spec.search.final_attacks))
-    for name, fig in figures.items():
-        if fig is None:
-            continue
-        fig.savefig(folder / name, dpi=100, bbox_inches="tight")
-        tracking.log_figure(uri, run_id, fig, f"plots/{name}")
-        plt.close(fig)
-
-
-def _tradeoff(plt: Any, rows: list[dict[str, Any]]) -> Any:
-    fig, ax = plt.subplots(figsize=(5, 4))
-    for state, marker in (("COMPLETE", "o"), ("PRUNED", "x")):
-        pts = [r for r in rows if r["state"] == state and r["clean_acc"] is not None and r["robust_acc"] is not None]
-        ax.scatter([r["clean_acc"] for r in pts], [r["robust_acc"] for r in pts], marker=marker, label=state.lower())
-    done = [r for r in rows if r["state"] == "COMPLETE"]
-    front = sorted(pareto_front(done, ["clean_acc", "robust_acc"]), key=lambda r: r["clean_acc"])
-    if front:
-        ax.plot([r["clean_acc"] for r in front], [r["robust_acc"] for r in front], "r--", marker="o", mfc="none",
-                ms=12, label=f"Pareto front ({len(front)})")  # rings: visible with a one-point front too
-    ax.set(xlabel="clean accuracy", ylabel="robust accuracy (per-epoch monitor)", title="trials")
-    ax.legend()
-    return fig
-
-
-def _acc_vs_eps(plt: Any, best: dict[str, Any], attacks: list[str]) -> Any:
-    fig, ax = plt.subplots(figsize=(5, 4))
-    for attack in attacks:
-        pts = []
-        for key, value in best["final"].items():
-            if key == f"{attack}_acc":
-                pts.append((best["eps"], value))
-            elif key.startswith(f"{attack}_acc_eps"):
-                pts.append((float(key.rsplit("eps", 1)[1]), value))
-        pts.sort()
-        ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", label=attack)
-    ax.axhline(best["final"].get("clean_acc", 0.0), color="gray", ls=":", label="clean")
-    ax.set(xlabel="eps (1/255)", ylabel="accuracy", title=f"best trial {best['trial_id']}")
-    ax.legend()
-    return fig
-
-
-def _importances(plt: Any, importances: dict[str, float]) -> Any:
-    if not importances:
+    if not b.get("run_id"):
+        log.warning("best trial %s has no MLflow run: champion not registered", b["trial_id"])
         return None
-    fig, ax = plt.subplots(figsize=(5, 0.4 * len(importances) + 1.5))
-    names = list(importances)[::-1]
-    ax.barh(names, [importances[n] for n in names])
-    ax.set(xlabel="importance (Optuna default evaluator)", title="hyperparameter importances")
-    return fig
+    from pipeline import champion
+
+    cfg = from_dict(plan.base).replace(**b["params"])
+    link = f"#/experiments/{plan.experiment_id}/runs/{b['run_id']}"
+    text = champion.version_description(name, search=spec.search.name, best=b, cfg=cfg, link=link,
+                                        attacks=list(spec.search.final_attacks))
+    version = champion.register_champion(plan.tracking_uri, b["run_id"], path, name, text)
+    log.info("registered %s version %s as @%s (model logged in the best trial's run %s)", name, version,
+             tracking.CHAMPION, b["run_id"])
+    return {"name": name, "version": version, "alias": tracking.CHAMPION, "run_id": b["run_id"]}
 
 
 def _public(row: dict[str, Any]) -> dict[str, Any]:

@@ -261,14 +261,18 @@ def repair(uri: str, experiment_id: str, parent_id: str, study: optuna.Study | N
 def reconcile(uri: str, experiment_id: str, parent_id: str, rows: list[dict[str, Any]]) -> int:
     """After the trials: every child run still RUNNING gets the status of its trial's final state
     (a run of a trial id Tune no longer knows, from a driver killed before saving it, is KILLED)."""
-    status = {"COMPLETE": "FINISHED", "PRUNED": "KILLED", "FAIL": "FAILED"}
-    final = {r["trial_id"]: r["state"] for r in rows}
+    from pipeline.search_notes import trial_label
+
+    final = {r["trial_id"]: r for r in rows}
     fixed = 0
     for run in tracking.trial_runs(uri, experiment_id, parent_id):
         if run.info.status != "RUNNING":
             continue
-        state = final.get(run.data.tags.get(tracking.TRIAL_TAG), "INTERRUPTED")
-        tracking.set_run_status(uri, run.info.run_id, status.get(state, "KILLED"), {"trial_state": state})
+        row = final.get(run.data.tags.get(tracking.TRIAL_TAG), {})
+        state = row.get("state", "INTERRUPTED")
+        tracking.set_trial_status(uri, experiment_id, parent_id, run.data.tags.get(tracking.TRIAL_TAG),
+                                  tracking.TRIAL_STATUS.get(state, "KILLED"), state,
+                                  label=trial_label(state, row.get("epochs")))
         fixed += 1
     return fixed
 

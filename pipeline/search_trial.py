@@ -19,6 +19,7 @@ from ray import tune
 
 from pipeline import tracking
 from pipeline.config import from_dict
+from pipeline.search_notes import eval_params
 
 log = logging.getLogger("pipeline.search")
 CTX = "capt"  # param_space key holding everything a trial needs besides the sampled values
@@ -39,7 +40,7 @@ def trial_main(config: dict[str, Any]) -> None:
     run = tracking.TrialRun(ctx["tracking_uri"], ctx["experiment_id"], ctx["parent_run_id"], trial_id,
                             run_name=tctx.get_trial_name(), tags=ctx["tags"])
     try:
-        run.log_params({**params, **ctx["fixed_params"]})
+        run.log_params({**params, **ctx["fixed_params"], **eval_params(cfg)})  # + what measured robust_acc
         run.log_config(cfg.to_dict())
         work.mkdir(parents=True, exist_ok=True)
         if _report_recorded(run, cfg, ctx, work):  # finished before a driver restart: do not train again
@@ -53,6 +54,13 @@ def trial_main(config: dict[str, Any]) -> None:
         run.set_tags({"error": (str(exc).strip().splitlines() or [type(exc).__name__])[0][:500]})
         run.finish("FAILED")
         raise
+
+
+def _console_first(metrics: dict[str, Any]) -> dict[str, Any]:
+    """The numeric metrics, ``clean_acc`` and ``robust_acc`` first: Tune's console table shows the first
+    four metrics of a result, so these are what it shows per trial while the search runs."""
+    first = [k for k in ("clean_acc", "robust_acc", "epoch") if k in metrics]
+    return {k: metrics[k] for k in [*first, *metrics] if isinstance(metrics[k], int | float)}
 
 
 def _restore_checkpoint(work: Path) -> Path | None:
@@ -76,7 +84,7 @@ def _report_recorded(run: tracking.TrialRun, cfg: Any, ctx: dict[str, Any], work
     folder.mkdir(parents=True, exist_ok=True)
     torch.save({"epoch": cfg.optim.epochs, "prompts": state["prompts"], "config": cfg.to_dict(), "optimizer": {},
                 "history": []}, folder / "last.pt")
-    out = {**metrics, "epoch": cfg.optim.epochs}
+    out = {**_console_first(metrics), "epoch": cfg.optim.epochs}
     out.update({f"objective_{n}": metrics[n] for n in ctx["objectives"] if math.isfinite(metrics.get(n, math.nan))})
     log.info("trial %s already finished before a restart: reporting its recorded result", run.run_id)
     tune.report(out, checkpoint=tune.Checkpoint.from_directory(str(folder)))
@@ -93,7 +101,7 @@ class _Reporter:
         epoch = int(metrics["epoch"])
         self.run.log_epoch(metrics, epoch)
         self._maybe_fail(epoch)
-        out = {k: v for k, v in metrics.items() if isinstance(v, int | float)}
+        out = _console_first(metrics)
         if epoch >= self.cfg.optim.epochs:  # the final epoch: the searcher's objective, the prompts
             for name in self.ctx["objectives"]:
                 if math.isfinite(metrics.get(name, math.nan)):

@@ -1,4 +1,5 @@
-"""MLflow adapter: the only module of the project that imports mlflow.
+"""MLflow adapter: with the champion model (``champion.py``, ``champion_model.py``), the only modules of the
+project that import mlflow.
 
 One parent run per search, one nested child run per Tune trial (tag ``mlflow.parentRunId`` and
 ``trial_id``). Every call goes through an explicit ``MlflowClient(tracking_uri)``, never the fluent
@@ -14,6 +15,9 @@ import contextlib
 import logging
 import math
 import os
+import shlex
+import subprocess
+import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -34,6 +38,13 @@ SEARCH_KEY_TAG = "capt.search_key"
 ROLE_TAG = "capt.role"
 CHAMPION = "champion"
 FINAL_TAG = "final_epoch"
+NOTE_TAG = "mlflow.note.content"  # the run's / experiment's markdown description in the MLflow UI
+BEST_TAG = "capt.best_trial_run_id"
+COMMAND_TAG = "capt.command"
+GIT_TAG = "mlflow.source.git.commit"
+# MLflow status of a trial's run per search state: a pruned trial ended as planned (ASHA stopped it), so
+# FINISHED with its run name saying "pruned@epoch k"; only a crash is FAILED; KILLED is an interrupted search.
+TRIAL_STATUS = {"COMPLETE": "FINISHED", "PRUNED": "FINISHED", "FAIL": "FAILED", "INTERRUPTED": "KILLED"}
 STEP_METRIC = "clean_acc"  # logged every epoch: its steps tell which epochs a run already has
 
 
@@ -51,6 +62,31 @@ def resolve_uri(configured: str | None, out_dir: str | Path) -> str:
 def ui_command(uri: str) -> str:
     """The command that browses this store (credentials redacted)."""
     return f"mlflow ui --backend-store-uri {redact(uri)}"
+
+
+def ui_url(uri: str, experiment_id: str, run_id: str | None = None) -> str:
+    """The MLflow UI page of an experiment's runs (or of one run) in the model-training view.
+
+    A server URI is its own UI; a SQLite store is browsed with :func:`ui_command` on its default port."""
+    base = redact(uri).rstrip("/") if uri.startswith(("http://", "https://")) else "http://127.0.0.1:5000"
+    page = f"#/experiments/{experiment_id}" + (f"/runs/{run_id}" if run_id else "")
+    return f"{base}/{page}?workflowType=machine_learning"
+
+
+def source_tags() -> dict[str, str]:
+    """What produced a run: the command line (redacted) and, in a git checkout, its commit."""
+    argv = [str(redact(a)) for a in sys.argv] or ["python"]
+    argv[0] = Path(argv[0]).name if Path(argv[0]).is_absolute() else argv[0]
+    argv = ["python", *argv] if argv[0].endswith(".py") else argv
+    tags = {COMMAND_TAG: " ".join(shlex.quote(a) for a in argv)[:5000]}
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).resolve().parent, text=True,
+                                capture_output=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        commit = ""
+    if len(commit) == 40:
+        tags[GIT_TAG] = commit
+    return tags
 
 
 @contextlib.contextmanager
@@ -113,8 +149,9 @@ def ensure_experiment(uri: str, name: str, artifact_root: str | Path | None) -> 
     if artifact_root is not None and not uri.startswith(("http://", "https://", "databricks")):
         Path(artifact_root).mkdir(parents=True, exist_ok=True)
         location = Path(artifact_root).resolve().as_uri()
-    try:
-        return client.create_experiment(name, artifact_location=location)
+    try:  # the kind makes the UI open the experiment on its runs (model training), not on traces
+        return client.create_experiment(name, artifact_location=location,
+                                        tags={"mlflow.experimentKind": "custom_model_development"})
     except MlflowException:  # created concurrently
         return client.get_experiment_by_name(name).experiment_id
 
@@ -129,7 +166,7 @@ def start_parent(uri: str, experiment_id: str, *, search_key: str, run_name: str
         run_id = found[0].info.run_id
         client.update_run(run_id, status="RUNNING")
         return run_id, True
-    all_tags = {**tags, SEARCH_KEY_TAG: search_key, ROLE_TAG: "search"}
+    all_tags = {**source_tags(), **tags, SEARCH_KEY_TAG: search_key, ROLE_TAG: "search"}
     run = client.create_run(experiment_id, tags=all_tags, run_name=run_name)
     run_id = run.info.run_id
     client.log_batch(run_id, params=[Param(k, _param_value(v)) for k, v in params.items()])
@@ -164,10 +201,6 @@ def log_params(uri: str, run_id: str, params: dict[str, Any]) -> None:
     retry(MlflowClient(tracking_uri=uri).log_batch, run_id, params=[Param(k, _param_value(v)) for k, v in params.items()])
 
 
-def log_figure(uri: str, run_id: str, figure: Any, artifact_file: str) -> None:
-    MlflowClient(tracking_uri=uri).log_figure(run_id, figure, artifact_file)
-
-
 def log_artifact(uri: str, run_id: str, path: str | Path, artifact_path: str | None = None) -> None:
     retry(MlflowClient(tracking_uri=uri).log_artifact, run_id, str(path), artifact_path)
 
@@ -192,15 +225,30 @@ def trial_runs(uri: str, experiment_id: str, parent_run_id: str) -> list[Any]:
 
 
 def set_trial_status(uri: str, experiment_id: str, parent_run_id: str, trial_id: str, status: str,
-                     state: str | None = None) -> None:
-    """Terminal status of a trial's child run (FINISHED / KILLED / FAILED) and its search state tag."""
+                     state: str | None = None, note: str | None = None, label: str | None = None) -> None:
+    """Terminal status of a trial's child run (FINISHED / KILLED / FAILED), its search state tag, its
+    description, and ``label`` appended to its run name (e.g. ``pruned@epoch 1``)."""
     run_id = find_trial_run(uri, experiment_id, parent_run_id, trial_id)
     if run_id is None:
         return
     client = MlflowClient(tracking_uri=uri)
-    if state is not None:
-        retry(client.set_tag, run_id, "trial_state", state)
+    tags = {**({"trial_state": state} if state is not None else {}), **({NOTE_TAG: note} if note else {})}
+    if tags:
+        retry(client.log_batch, run_id, tags=[RunTag(k, v) for k, v in tags.items()])
+    if label:
+        name = client.get_run(run_id).info.run_name or trial_id
+        retry(client.update_run, run_id, name=f"{name.split(' · ')[0]} · {label}")
     retry(client.set_terminated, run_id, status=status)
+
+
+def set_note(uri: str, run_id: str, text: str, tags: dict[str, str] | None = None) -> None:
+    """A run's markdown description (MLflow's note), with more tags."""
+    items = [RunTag(NOTE_TAG, text[:60000]), *[RunTag(k, str(v)) for k, v in (tags or {}).items()]]
+    retry(MlflowClient(tracking_uri=uri).log_batch, run_id, tags=items)
+
+
+def set_experiment_note(uri: str, experiment_id: str, text: str) -> None:
+    retry(MlflowClient(tracking_uri=uri).set_experiment_tag, experiment_id, NOTE_TAG, text[:60000])
 
 
 class TrialRun:
@@ -261,22 +309,6 @@ class TrialRun:
 
     def finish(self, status: str = "FINISHED") -> None:
         retry(self.client.set_terminated, self.run_id, status=status)
-
-
-def register_prompts(uri: str, run_id: str, prompts_file: str | Path, name: str) -> str:
-    """Log ``prompts_file`` under the run's ``best_prompts/`` and register it as ``name@champion``."""
-    client = MlflowClient(tracking_uri=uri)
-    client.log_artifact(run_id, str(prompts_file), "best_prompts")
-    try:
-        client.create_registered_model(name, description="CAPT prompt weights chosen by a search")
-    except MlflowException as exc:
-        if "already exists" not in str(exc).lower() and "RESOURCE_ALREADY_EXISTS" not in str(exc):
-            raise
-    source = f"{client.get_run(run_id).info.artifact_uri}/best_prompts"
-    version = client.create_model_version(name, source=source, run_id=run_id,
-                                          tags={"prompts_file": Path(prompts_file).name})
-    client.set_registered_model_alias(name, CHAMPION, version.version)
-    return str(version.version)
 
 
 def champion_version(uri: str, name: str) -> str:

@@ -132,7 +132,8 @@ def test_a_stop_leaves_the_stores_truthful_and_resume_repairs(tmp_path):
     tracking.set_run_status(uri, runs["c"].run_id, "RUNNING")
     fixed = search_resume.reconcile(uri, exp, parent, [{"trial_id": "c", "state": "PRUNED"}])
     run = tracking.MlflowClient(uri).get_run(runs["c"].run_id)
-    assert fixed == 1 and run.info.status == "KILLED" and run.data.tags["trial_state"] == "PRUNED"
+    assert fixed == 1 and run.info.status == "FINISHED" and run.data.tags["trial_state"] == "PRUNED"
+    assert run.info.run_name == "c · pruned"  # stopped by ASHA: a normal end, named so (a crash is FAILED)
 
 
 def test_a_service_gone_for_good_ends_the_driver_with_one_line(monkeypatch, capsys):

@@ -2,7 +2,8 @@
 store, digits shards. One smoke search (module fixture) is checked from several sides: the trial that
 ASHA stops arrives in Optuna as PRUNED, finished ones as COMPLETE, the injected failure as FAIL (and
 FAILED in MLflow) while the search goes on; MLflow holds one child run per trial with per-epoch
-metrics; summary.json and the champion alias are written."""
+metrics; summary.json, the descriptions naming the best trial and the champion model (a pyfunc logged
+in the best trial's run, predicting as `capt eval` does) are written."""
 
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ import torch
 from mlflow import MlflowClient
 
 from pipeline import tracking
+from pipeline.clip import bare_model, register_model_configs
 from pipeline.data.sources import shards_from_digits
 from pipeline.search import TUNE_ID_ATTR, CaptOptunaSearch, make_searcher, run_search
 from pipeline.search_space import load_search
@@ -46,8 +48,12 @@ def smoke(local_ray, shards, tmp_path_factory):
     it after epoch 1), #3 raises at epoch 1 on every attempt (max_failures 1: retried once), #4 sampled
     by TPE. (The evaluation eps is searched here only to make the ASHA decision certain.)"""
     out = tmp_path_factory.mktemp("smoke")
+    register_model_configs()
+    torch.manual_seed(0)
+    clip = out.parent / "capt-tiny.pt"  # CLIP weights from a file (as the demo's): `capt eval` rebuilds the same
+    torch.save(bare_model("capt-tiny").state_dict(), clip)
     spec = load_search(SMOKE, [
-        f"search.out={out}", f"base.data.path={shards}", "base.data.test_limit=100",
+        f"search.out={out}", f"base.data.path={shards}", "base.data.test_limit=100", f"base.model.checkpoint={clip}",
         "search.num_samples=4", "search.max_concurrent=1", "space.attack.eps=null",
         "space.eval.eps={type: categorical, choices: [0.0, 64.0]}",
         "search.points_to_evaluate=[{eval.eps: 0.0, loss.alpha_rule: ratio}, {eval.eps: 64.0}]",
@@ -90,11 +96,17 @@ def test_mlflow_one_child_per_trial_with_epoch_metrics(smoke):
                  "epoch_time_s"):
         assert [m.step for m in client.get_metric_history(done.info.run_id, name)] == [1, 2], name
     assert {a.path for a in client.list_artifacts(done.info.run_id)} >= {"prompts.pt", "config.yaml"}
-    pruned = by_state["PRUNED"][0]
-    assert pruned.info.status == "KILLED"
+    assert done.data.params["eval.attack"] == "pgd" and done.data.params["eval.steps"] == "2"  # what measured
+    assert done.data.params["robust_acc.measured_by"] == f"PGD-2 at eps {float(done.data.params['eval.eps']):g}/255 (L-inf)"
+    pruned = by_state["PRUNED"][0]  # stopped by ASHA: a normal end, not shown as a crash
+    assert pruned.info.status == "FINISHED" and pruned.info.run_name.endswith(" · pruned@epoch 1")
+    assert "**Pruned** by the ASHA scheduler after epoch 1 of 2" in pruned.data.tags[tracking.NOTE_TAG]
     assert [m.step for m in client.get_metric_history(pruned.info.run_id, "robust_acc")] == [1]
     failed = by_state["FAIL"][0]
     assert failed.info.status == "FAILED" and "injected failure" in failed.data.tags["error"]
+    assert failed.info.run_name.endswith(" · failed") and done.info.run_name.endswith(" · complete")
+    for r in runs:  # provenance: this checkout's commit and the command line
+        assert len(r.data.tags[tracking.GIT_TAG]) == 40 and r.data.tags[tracking.COMMAND_TAG]
 
 
 def test_parent_run_summary_plots_and_champion(smoke, tmp_path):
@@ -112,10 +124,65 @@ def test_parent_run_summary_plots_and_champion(smoke, tmp_path):
     assert best["state"] == "COMPLETE" and {"clean_acc", "pgd10_acc", "pgd10_acc_eps2"} <= set(best["final"])
     assert doc["metrics"]["pgd10_acc"] == best["final"]["pgd10_acc"]
     assert doc["mlflow"]["ui"] == f"mlflow ui --backend-store-uri {uri}"
-    assert tracking.champion_version(uri, "capt-smoke") == doc["mlflow"]["registered_model"]["version"]
-    local = tracking.download(uri, "models:/capt-smoke@champion", tmp_path)
-    state = torch.load(local / "prompts.pt", weights_only=True)
-    assert state["config"]["eval"]["eps"] == best["params"]["eval.eps"] and state["classnames"][0] == "zero"
+    assert doc["mlflow"]["url"].endswith(f"/#/experiments/{doc['mlflow']['experiment_id']}"
+                                         "?workflowType=machine_learning")
+    for name in ("tradeoff.png", "acc_vs_eps.png"):  # the logged copy is the saved file
+        logged = tracking.download(uri, f"runs:/{parent.info.run_id}/plots/{name}", tmp_path / "plots")
+        assert logged.read_bytes() == (smoke["out"] / "plots" / name).read_bytes()
+    assert {"zeroshot_clean_acc", "zeroshot_pgd10_acc"} <= set(parent.data.metrics)
+    assert set(doc["zero_shot"]) == set(best["final"])  # zero-shot CLIP under the same attacks and eps
+
+
+def test_descriptions_name_the_best_trial_and_link_its_run(smoke):
+    doc, client = smoke["doc"], MlflowClient(smoke["uri"])
+    parent = client.get_run(doc["mlflow"]["parent_run_id"])
+    best, best_run = doc["best"][0], parent.data.tags[tracking.BEST_TAG]
+    assert best_run == best["run_id"] == doc["mlflow"]["best_run_id"]
+    child = client.get_run(best_run)
+    assert child.data.tags[tracking.PARENT_TAG] == parent.info.run_id and child.data.tags["trial_id"] == best["trial_id"]
+    exp = client.get_experiment(doc["mlflow"]["experiment_id"])
+    link = f"[{best['trial_id']}](#/experiments/{exp.experiment_id}/runs/{best_run})"
+    for note in (parent.data.tags[tracking.NOTE_TAG], exp.tags[tracking.NOTE_TAG]):
+        assert f"**Best trial: {link}**" in note
+        assert "| `loss.lam` | float, log | [0.1, 10] |" in note  # the space with its ranges
+        assert "PGD-2 at eps" in note and "/255" in note and "1 failed" in note and "zero-shot CLIP" in note
+    assert f"(#/experiments/{exp.experiment_id}/runs/{parent.info.run_id})" in exp.tags[tracking.NOTE_TAG]
+    assert exp.tags["mlflow.experimentKind"] == "custom_model_development"  # the UI opens on the runs
+
+
+def test_champion_from_the_best_trial_predicts_as_capt_eval(smoke, tmp_path):
+    """models:/capt-smoke@champion is a pyfunc logged in the best trial's run; its predictions give the
+    clean accuracy that `capt eval` reports for the same prompts on the same images."""
+    import dataclasses
+
+    import mlflow.pyfunc
+    import numpy as np
+
+    from pipeline.cli import main as capt
+    from pipeline.config import from_dict
+    from pipeline.search_report import image_size
+    from pipeline.task import load_task
+
+    doc, uri, client = smoke["doc"], smoke["uri"], MlflowClient(smoke["uri"])
+    version = client.get_model_version_by_alias("capt-smoke", "champion")
+    assert version.version == doc["mlflow"]["registered_model"]["version"]
+    assert version.run_id == doc["best"][0]["run_id"]  # logged from the best trial, not the parent
+    assert "Robust accuracy, pgd10 at eps" in version.description and "mlflow.pyfunc.load_model" in version.description
+    run_dir = tmp_path / "run"
+    tracking.download(uri, f"runs:/{doc['mlflow']['parent_run_id']}/best_prompts/prompts.pt", run_dir)
+    (run_dir / "best_prompts" / "prompts.pt").rename(run_dir / "prompts.pt")
+    shards = doc["config"]["base"]["data"]["path"]
+    assert capt(["eval", "--run", str(run_dir), "--data", shards, "--attack", "pgd10", "--eps", "1", "--limit", "40",
+                 "--device", "cpu", "--out", str(tmp_path / "eval")]) == 0
+    ev = json.loads((tmp_path / "eval" / "summary.json").read_text())
+    cfg = from_dict(ev["config"])
+    with tracking._env(MLFLOW_TRACKING_URI=uri, MLFLOW_REGISTRY_URI=uri):
+        model = mlflow.pyfunc.load_model("models:/capt-smoke@champion")
+    task = load_task(dataclasses.replace(cfg.data, classes="all"), image_size("capt-tiny"))
+    probs = model.predict(task.test_x.numpy())
+    assert probs.shape == (40, 10) and np.allclose(probs.sum(1), 1, atol=1e-5)
+    acc = float((probs.argmax(1) == task.test_y.numpy()).mean())
+    assert acc == pytest.approx(ev["metrics"]["clean_acc"], abs=1e-6)
 
 
 def test_a_second_search_with_the_same_name_is_refused(smoke):

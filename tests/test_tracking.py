@@ -79,23 +79,74 @@ def test_trial_status_failed_and_pruned(store):
     tracking.TrialRun(uri, exp, parent, "t1", run_name="t1", tags={})
     tracking.TrialRun(uri, exp, parent, "t2", run_name="t2", tags={})
     tracking.set_trial_status(uri, exp, parent, "t1", "FAILED", "FAIL")
-    tracking.set_trial_status(uri, exp, parent, "t2", "KILLED", "PRUNED")
+    tracking.set_trial_status(uri, exp, parent, "t2", "FINISHED", "PRUNED", note="**Pruned**", label="pruned@epoch 1")
     runs = {r.data.tags["trial_id"]: r for r in tracking.trial_runs(uri, exp, parent)}
     assert runs["t1"].info.status == "FAILED" and runs["t1"].data.tags["trial_state"] == "FAIL"
-    assert runs["t2"].info.status == "KILLED" and runs["t2"].data.tags["trial_state"] == "PRUNED"
+    assert runs["t2"].info.status == "FINISHED" and runs["t2"].data.tags["trial_state"] == "PRUNED"
+    assert runs["t2"].info.run_name == "t2 · pruned@epoch 1" and runs["t2"].data.tags[tracking.NOTE_TAG] == "**Pruned**"
+    tracking.set_trial_status(uri, exp, parent, "t2", "FINISHED", "PRUNED", label="pruned@epoch 1")  # again: one suffix
+    assert tracking.MlflowClient(uri).get_run(runs["t2"].info.run_id).info.run_name == "t2 · pruned@epoch 1"
 
 
-def test_best_prompts_registered_with_champion_alias(store, tmp_path):
-    uri, _, _ = store
-    parent, _ = _parent(store, "exp-register")
+def _prompts_file(tmp_path, lam: float):
+    """A prompts file of a capt-tiny CLIP whose weights are a local checkpoint (as in the demo)."""
+    from pipeline.clip import bare_model, register_model_configs
+    from pipeline.config import Config
+    from pipeline.prompts import PromptedCLIP
+    from pipeline.train import build_model
+
+    from .conftest import CLASSES, TEMPLATES
+
+    register_model_configs()
+    torch.manual_seed(1)
+    ckpt = tmp_path / "clip.pt"
+    torch.save(bare_model("capt-tiny").state_dict(), ckpt)
+    cfg = Config().replace(**{"model.checkpoint": str(ckpt), "prompt.depth": 2, "loss.lam": lam})
+    model: PromptedCLIP = build_model(cfg, CLASSES, TEMPLATES, torch.device("cpu"))
+    state = {k: torch.randn_like(v) * 0.1 for k, v in model.prompt_state().items()}
     path = tmp_path / "prompts.pt"
-    torch.save({"prompts": {"ctx": torch.ones(2, 3)}}, path)
-    v1 = tracking.register_prompts(uri, parent, path, "capt-unit")
-    v2 = tracking.register_prompts(uri, parent, path, "capt-unit")  # a later search: a new version
+    torch.save({"prompts": state, "config": cfg.to_dict(), "classnames": CLASSES, "templates": TEMPLATES}, path)
+    model.load_prompt_state(state)
+    return path, ckpt, model.eval()
+
+
+def test_champion_is_a_pyfunc_model_logged_in_the_given_run(store, tmp_path):
+    """The registered version: source run = the run given (a trial's), description, MLmodel with a
+    signature; loads through models:/name@champion with no pickle and predicts class probabilities."""
+    import mlflow.pyfunc
+    import numpy as np
+
+    from pipeline import champion, champion_model
+
+    uri, exp, _ = store
+    parent, _ = _parent(store, "exp-register")
+    trial = tracking.TrialRun(uri, exp, parent, "best", run_name="trial_001_best", tags={}).run_id
+    path, ckpt, model = _prompts_file(tmp_path, 2.0)
+    v1 = champion.register_champion(uri, trial, path, "capt-unit", "first")
+    v2 = champion.register_champion(uri, trial, path, "capt-unit", "**what** it is")  # a later search
     assert (v1, v2) == ("1", "2") and tracking.champion_version(uri, "capt-unit") == "2"
-    local = tracking.download(uri, "models:/capt-unit@champion", tmp_path / "dl")
-    state = torch.load(local / "prompts.pt", weights_only=True)
-    torch.testing.assert_close(state["prompts"]["ctx"], torch.ones(2, 3))
+    client = MlflowClient(uri)
+    version = client.get_model_version_by_alias("capt-unit", "champion")
+    assert version.run_id == trial and version.description == "**what** it is"
+    files = {a.path for a in client.list_artifacts(trial, "champion")}
+    assert {"champion/MLmodel", "champion/artifacts", "champion/code"} <= files, files
+    assert not any(f.endswith(".pkl") for f in files)
+    ckpt.unlink()  # the CLIP weights travel with the model
+    images = torch.rand(5, 3, model.image_size, model.image_size)
+    with tracking._env(MLFLOW_TRACKING_URI=uri, MLFLOW_REGISTRY_URI=uri):
+        loaded = mlflow.pyfunc.load_model("models:/capt-unit@champion")
+        probs = loaded.predict(images.numpy())
+    assert tuple(loaded.metadata.signature.inputs.to_dict()[0]["tensor-spec"]["shape"]) == (
+        -1, 3, model.image_size, model.image_size)
+    with torch.no_grad():
+        expected = torch.softmax(model(images), dim=-1).numpy()
+    np.testing.assert_allclose(probs, expected, atol=1e-5)
+    assert probs.shape == (5, 4) and np.allclose(probs.sum(1), 1, atol=1e-5)
+    bad = tmp_path / "code.pt"
+    torch.save({"prompts": {"x": torch.ones(1)}, "config": {}, "classnames": [], "templates": [],
+                "hook": tracking.TrialRun}, bad)  # a pickled class: refused
+    with pytest.raises(ConfigError, match="not a plain weights file"):
+        champion_model.read_prompts(bad)
 
 
 def _closed_port() -> int:
