@@ -74,7 +74,7 @@ def tuning_docs(plan: dict[str, Any]) -> dict[str, dict[str, Any]]:
 
 def _check_split(path: str, split: str) -> None:
     """A local shards folder must hold the tuning split (remote ones are checked when read)."""
-    from pipeline.shards import META_NAME, read_meta
+    from pipeline.data.meta import META_NAME, read_meta
 
     if path and (Path(path) / META_NAME).is_file() and split not in read_meta(path)["splits"]:
         raise ConfigError(f"tuning.split: {path} has no split {split!r} (make one with `capt shards --demo fashion`, "
