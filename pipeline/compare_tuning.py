@@ -11,6 +11,7 @@ A compare file's optional ``tuning`` section::
       space: {optim.lr: {type: float, low: 0.002, high: 0.1, log: true}}   # searched for every method
       method_space: {capt: {loss.lam: {type: float, low: 0.1, high: 10, log: true}}}  # extra, per method
       search: {scheduler: {type: none}, max_concurrent: 2}    # any other `search:` setting
+      overrides: {eval.attack: pgd, eval.steps: 5}  # dotted config keys set while tuning only (the monitor)
 
 For every tuned method (every method but ``zeroshot``) the driver runs one ``capt search``
 (:func:`pipeline.search.run_search`) whose base is that method's few-shot config with
@@ -30,7 +31,7 @@ from typing import Any
 from pipeline.config import ConfigError, from_dict
 
 UNTUNED = ("zeroshot",)  # nothing to tune: no training
-_KEYS = {"split", "seed", "objective", "num_samples", "space", "method_space", "search"}
+_KEYS = {"split", "seed", "objective", "num_samples", "space", "method_space", "search", "overrides"}
 
 
 def tuning_docs(plan: dict[str, Any]) -> dict[str, dict[str, Any]]:
@@ -53,14 +54,23 @@ def tuning_docs(plan: dict[str, Any]) -> dict[str, dict[str, Any]]:
             raise ConfigError(f"tuning.split: {split!r} is the test split; tune on a split carved from the "
                               "training data (e.g. `val` of `capt shards --demo fashion`)")
         _check_split(cell["config"]["data"]["path"], split)
-        base = from_dict(cell["config"]).replace(**{"data.test_split": split, "data.seed": seed, "run.seed": seed,
-                                                     "data.cross_datasets": []}).to_dict()
+        over = {**(tuning.get("overrides") or {}), "data.test_split": split, "data.seed": seed, "run.seed": seed,
+                "data.cross_datasets": []}
+        try:
+            base_cfg = from_dict(cell["config"]).replace(**over)
+        except ConfigError as exc:
+            raise ConfigError(f"tuning.overrides: {exc}") from None
+        objective = tuning.get("objective", "robust_acc")
+        if objective == "robust_acc" and base_cfg.eval.attack == "none":
+            raise ConfigError("tuning: objective robust_acc needs a per-epoch monitor attack; set "
+                              "tuning.overrides: {eval.attack: pgd}")
+        base = base_cfg.to_dict()
         space = {**(tuning.get("space") or {}), **((tuning.get("method_space") or {}).get(method) or {})}
         if not space:
             raise ConfigError(f"tuning: nothing to search for method {method!r} (empty space)")
         out = Path(plan["settings"]["out"]) / "tuning" / method
         search = {**copy.deepcopy(tuning.get("search") or {}), "name": f"{plan['settings']['name']}-tune-{method}",
-                  "objectives": [tuning.get("objective", "robust_acc")],
+                  "objectives": [objective],
                   "num_samples": int(tuning.get("num_samples", 8)), "out": str(out), "seed": seed}
         doc = {"base": base, "search": search, "space": copy.deepcopy(space),
                "tracking": {"uri": plan["tracking"].get("uri")}}

@@ -44,6 +44,7 @@ def test_fashion_compare_file_resolves(fake_demo: Path) -> None:
     base = docs["capt"]["base"]
     assert base["data"]["test_split"] == "val" and base["run"]["seed"] == 100 and base["data"]["seed"] == 100
     assert base["data"]["cross_datasets"] == [] and base["method"] == "capt"
+    assert base["eval"]["attack"] == "pgd" and few["eval"]["attack"] == "none"  # the monitor only while tuning
 
 
 def test_tuning_never_on_the_test_split_and_needs_the_split(fake_demo: Path) -> None:
@@ -53,6 +54,8 @@ def test_tuning_never_on_the_test_split_and_needs_the_split(fake_demo: Path) -> 
         load_compare("configs/compare/fashion.yaml", ["tuning.split=holdout"])
     with pytest.raises(ConfigError, match="space.optim.lrate"):
         load_compare("configs/compare/fashion.yaml", ["tuning.space={optim.lrate: {type: float, low: 0.1, high: 1}}"])
+    with pytest.raises(ConfigError, match="needs a per-epoch monitor attack"):
+        load_compare("configs/compare/fashion.yaml", ["tuning.overrides={}"])
     with pytest.raises(ConfigError, match="tuning: unknown key"):
         load_compare("configs/compare/fashion.yaml", ["tuning.budget=3"])
 
