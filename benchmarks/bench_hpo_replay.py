@@ -2,13 +2,15 @@
 
 Run (a few minutes on 2 CPUs; needs the table from ``bench_hpo_grid.py``):
 
-    python benchmarks/bench_hpo_replay.py --table benchmarks/results/hpo_grid.json --seeds 30 --trials 16
+    python benchmarks/bench_hpo_replay.py --table benchmarks/results/hpo_grid.json --seeds 30
 
 Strategies (``hpo_replay.STRATEGIES``): random search, a grid, TPE without early stopping, random +
 ASHA, TPE + ASHA (the product's defaults) and its two-objective variant, each through the product's
 ``make_searcher`` / ``make_scheduler`` with the search file's concurrency (``search.max_concurrent``).
-Every strategy gets the same compute, ``--trials`` x epochs trial-epochs (a search of ``--trials``
-full trials): ASHA's strategies run more trials with it. Outputs: ``hpo_replay.json`` (every figure),
+Every strategy gets the same compute, ``--trials`` (default: the file's ``search.num_samples``) x epochs
+trial-epochs (a search of ``--trials`` full trials): ASHA's strategies run more trials with it; TPE +
+ASHA also runs with exactly ``--trials`` trials (what ASHA saves is then unspent).
+``--set sampler='{"n_startup_trials": 3}'`` (JSON values) changes a setting for every strategy. Outputs: ``hpo_replay.json`` (every figure),
 ``hpo_replay.png`` (anytime curves: median and quartiles over seeds of the best robust accuracy found,
 and the two-objective hypervolume, against cumulative trial-epochs) and ``hpo_replay.md`` (the table
 for ``benchmarks/README.md``). ``--engine tune`` replays through Ray Tune itself instead (a lookup
@@ -188,7 +190,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--table", type=Path, default=ROOT / "benchmarks" / "results" / "hpo_grid.json")
     p.add_argument("--config", type=Path, default=ROOT / "search_spaces" / "demo.yaml")
     p.add_argument("--seeds", type=int, default=30)
-    p.add_argument("--trials", type=int, default=16, help="trial count of the searches without early stopping")
+    p.add_argument("--trials", type=int, default=None,
+                   help="trial count of the searches without early stopping (default: the file's search.num_samples)")
     p.add_argument("--strategies", default=",".join(STRATEGIES))
     p.add_argument("--set", action="append", default=[], metavar="KEY=JSON",
                    help="search settings for every strategy, e.g. scheduler={\"grace_period\": 2}")
@@ -203,6 +206,7 @@ def main(argv: list[str] | None = None) -> int:
     table, doc = Table(rec), read_yaml(args.config)
     doc["base"].setdefault("optim", {})["epochs"] = table.epochs
     search = {k: json.loads(v) for k, v in (item.split("=", 1) for item in args.set)}
+    args.trials = args.trials or int(doc["search"].get("num_samples", 8))
     seeds = list(range(args.seeds))
     t0 = time.perf_counter()
     results = {}

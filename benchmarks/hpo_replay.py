@@ -235,8 +235,13 @@ def strategy_spec(doc: dict[str, Any], table: Table, strategy: dict[str, Any], *
     tree = copy.deepcopy(doc)
     tree["space"] = {k: v for k, v in tree["space"].items() if k in table.grid}
     s = tree.setdefault("search", {})
-    s["points_to_evaluate"] = [p for p in ({k: v for k, v in pt.items() if k in table.grid}
-                                           for pt in s.get("points_to_evaluate") or []) if p]
+    # Points cut to the table's keys; Ray wants complete points in an unconditional space: the base's values.
+    points = [p for p in ({k: v for k, v in pt.items() if k in table.grid}
+                          for pt in s.get("points_to_evaluate") or []) if p]
+    if points and not any("when" in (v or {}) for v in tree["space"].values()):
+        base = load_search(None, tree={**tree, "search": {**s, "points_to_evaluate": []}}).base_config().to_dict()
+        points = [{k: p.get(k, _dotted(base, k)) for k in tree["space"]} for p in points]
+    s["points_to_evaluate"] = points
     s.update(seed=seed, num_samples=num_samples, optuna_storage=None)
     for settings in (strategy, search or {}):  # the strategy's, then every strategy's (merged per key)
         for key, value in settings.items():
@@ -244,3 +249,9 @@ def strategy_spec(doc: dict[str, Any], table: Table, strategy: dict[str, Any], *
     if s.get("sampler", {}).get("type") == "grid":
         s["sampler"]["grid"] = {k: list(v) for k, v in table.grid.items()}
     return load_search(None, tree=tree)
+
+
+def _dotted(tree: dict[str, Any], key: str) -> Any:
+    for part in key.split("."):
+        tree = tree[part]
+    return tree
