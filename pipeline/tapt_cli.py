@@ -111,7 +111,8 @@ def _device(name: str) -> torch.device:
 
 def load_images(path: str, split: str, image_size: int, *, limit: int | None,
                 seed: int) -> tuple[torch.Tensor, torch.Tensor, list[str], list[str]]:
-    """Images, labels, class names and templates of a shards split (``limit``: a seeded sample)."""
+    """Images, labels, class names and templates of a shards split (``limit``: a seeded sample). A
+    whole local split is a LazyImages (pipeline/data/read.py): evaluated a batch at a time."""
     from . import data
 
     if limit is not None and limit < 1:
@@ -119,7 +120,16 @@ def load_images(path: str, split: str, image_size: int, *, limit: int | None,
     try:
         source = data.ShardSource.open(path)
         names, templates = data.class_names(source), data.templates(source)
-        if limit is None:
+        if limit is None and not data.stream._is_remote(source.root):  # read a batch at a time (bounded memory)
+            from .data import subsets
+            from .data.read import LazyImages
+
+            selection = subsets.selection_of(source, subsets.source_index(source, split),
+                                             subsets.SubsetSpec(split, None, None, seed, image_size))
+            if not len(selection):
+                raise ValueError(f"{path}: split {split!r} yielded no samples")
+            x, y = LazyImages(selection, image_size), torch.from_numpy(selection.labels.copy())
+        elif limit is None:
             x, y, _ = data.load_split(source, split, image_size=image_size)
         else:  # stream a shuffled sample instead of decoding the whole split
             stream = data.make_dataset(source, split=split, image_size=image_size, seed=seed,

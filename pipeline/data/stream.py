@@ -1,4 +1,5 @@
-"""Reading shards folders (see :mod:`pipeline.data.write`): streams, in-memory splits, few-shot, base/new.
+"""The streaming reader of shards folders (format: :mod:`pipeline.data.meta`): whole-split streams (full
+data from remote sources without an index, `capt tiny-clip`), in-memory splits, few-shot, base/new.
 
 The reader is a small ``IterableDataset`` made of WebDataset's pieces (``gopen``, tar iteration, key
 grouping, ``split_by_node`` / ``split_by_worker``) rather than ``wds.WebDataset``, so that a broken

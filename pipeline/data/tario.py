@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import re
 import tarfile
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import BinaryIO
 
@@ -71,10 +71,3 @@ def read_member(handle: BinaryIO, offset: int, size: int, where: str = "") -> by
         raise ValueError(f"{where}: ends at byte {offset + len(data)}, the index expects {offset + size}")
     return data
 
-
-def scan_with(path: str, read: Callable[[BinaryIO, TarSample], object]) -> Iterator[tuple[TarSample, object]]:
-    """Like :func:`scan`, also calling ``read(handle, sample)`` on each sample (e.g. to read its label)."""
-    with open_shard(path) as handle:
-        samples = list(scan(path, handle))
-        for sample in samples:
-            yield sample, read(handle, sample)
