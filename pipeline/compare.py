@@ -94,8 +94,8 @@ def cell_main(config: dict[str, Any]) -> None:
     cell, ctx = config["cell"], config["ctx"]
     torch.set_num_threads(max(1, int(ctx["cpus"])))  # a trial's share; more threads only contend
     run = tracking.TrialRun(ctx["uri"], ctx["experiment_id"], ctx["parent_id"], cell["key"],
-                            run_name=cell["key"], tags={"method": cell["method"], "protocol": cell["protocol"],
-                                                         "seed": str(cell["seed"])})
+                            run_name=cell["key"], tags={**ctx.get("source_tags", {}), "method": cell["method"],
+                                                         "protocol": cell["protocol"], "seed": str(cell["seed"])})
     try:
         cfg = from_dict(cell["config"])
         device = resolve_device(cfg.run.device)
@@ -176,7 +176,7 @@ def run_compare(plan: dict[str, Any]) -> dict[str, Any]:
                                          tags={"kind": "compare"}, params={"methods": ",".join(plan["methods"])},
                                          config=plan["doc"])
     ctx = {"uri": uri, "experiment_id": exp_id, "parent_id": parent_id, "out": str(out),
-           "cpus": s["resources"].get("cpu", 1), "tapt": plan.get("tapt")}
+           "cpus": s["resources"].get("cpu", 1), "tapt": plan.get("tapt"), "source_tags": tracking.source_tags()}
     t0 = time.perf_counter()
     cells = run_cells(plan["cells"], ctx, s)
     if plan.get("tapt"):

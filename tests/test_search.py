@@ -141,7 +141,8 @@ def test_descriptions_name_the_best_trial_and_link_its_run(smoke):
     child = client.get_run(best_run)
     assert child.data.tags[tracking.PARENT_TAG] == parent.info.run_id and child.data.tags["trial_id"] == best["trial_id"]
     exp = client.get_experiment(doc["mlflow"]["experiment_id"])
-    link = f"[{best['trial_id']}](#/experiments/{exp.experiment_id}/runs/{best_run})"
+    assert child.info.run_name.startswith(f"{best['name']} · ") and best["name"].endswith(best["trial_id"])
+    link = f"[{best['name']}](#/experiments/{exp.experiment_id}/runs/{best_run})"
     for note in (parent.data.tags[tracking.NOTE_TAG], exp.tags[tracking.NOTE_TAG]):
         assert f"**Best trial: {link}**" in note
         assert "| `loss.lam` | float, log | [0.1, 10] |" in note  # the space with its ranges
@@ -160,17 +161,19 @@ def test_champion_from_the_best_trial_predicts_as_capt_eval(smoke, tmp_path):
 
     from pipeline.cli import main as capt
     from pipeline.config import from_dict
+    from pipeline.pixels import as_pixels
+    from pipeline.runs import load_run
     from pipeline.search_report import image_size
     from pipeline.task import load_task
 
     doc, uri, client = smoke["doc"], smoke["uri"], MlflowClient(smoke["uri"])
     version = client.get_model_version_by_alias("capt-smoke", "champion")
-    assert version.version == doc["mlflow"]["registered_model"]["version"]
+    assert str(version.version) == doc["mlflow"]["registered_model"]["version"]
     assert version.run_id == doc["best"][0]["run_id"]  # logged from the best trial, not the parent
     assert "Robust accuracy, pgd10 at eps" in version.description and "mlflow.pyfunc.load_model" in version.description
     run_dir = tmp_path / "run"
-    tracking.download(uri, f"runs:/{doc['mlflow']['parent_run_id']}/best_prompts/prompts.pt", run_dir)
-    (run_dir / "best_prompts" / "prompts.pt").rename(run_dir / "prompts.pt")
+    got = tracking.download(uri, f"runs:/{doc['mlflow']['parent_run_id']}/best_prompts/prompts.pt", run_dir)
+    assert got == run_dir / "prompts.pt"  # a run folder for `capt eval`
     shards = doc["config"]["base"]["data"]["path"]
     assert capt(["eval", "--run", str(run_dir), "--data", shards, "--attack", "pgd10", "--eps", "1", "--limit", "40",
                  "--device", "cpu", "--out", str(tmp_path / "eval")]) == 0
@@ -179,10 +182,14 @@ def test_champion_from_the_best_trial_predicts_as_capt_eval(smoke, tmp_path):
     with tracking._env(MLFLOW_TRACKING_URI=uri, MLFLOW_REGISTRY_URI=uri):
         model = mlflow.pyfunc.load_model("models:/capt-smoke@champion")
     task = load_task(dataclasses.replace(cfg.data, classes="all"), image_size("capt-tiny"))
-    probs = model.predict(task.test_x.numpy())
+    probs = model.predict(as_pixels(task.test_x).numpy())  # float [0, 1], as the signature says
     assert probs.shape == (40, 10) and np.allclose(probs.sum(1), 1, atol=1e-5)
     acc = float((probs.argmax(1) == task.test_y.numpy()).mean())
     assert acc == pytest.approx(ev["metrics"]["clean_acc"], abs=1e-6)
+    _, direct = load_run(run_dir)  # image by image too (near-chance accuracy on random CLIP weights)
+    with torch.no_grad():
+        expected = torch.softmax(direct(as_pixels(task.test_x)), dim=-1).numpy()
+    np.testing.assert_allclose(probs, expected, atol=1e-5)
 
 
 def test_a_second_search_with_the_same_name_is_refused(smoke):
