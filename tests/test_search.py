@@ -246,3 +246,27 @@ def test_two_objectives_pareto_front_and_searcher(tmp_path):
     searcher.on_trial_complete("b", {"robust_acc": 0.2, "clean_acc": 0.5})  # stopped by ASHA
     study = optuna.load_study(study_name="smoke", storage=storage)
     assert [t.state for t in study.trials] == [OK, PRUNED] and study.trials[0].values == [0.7, 0.3]
+
+
+def test_search_note_and_trial_labels():
+    """The markdown the UI shows, from rows as finish() has them (fast: no search)."""
+    from pipeline.search_notes import search_note, trial_label, trial_note
+
+    spec = load_search(SMOKE, [])
+    rows = [{"trial_id": "a", "name": "trial_001_a", "run_id": "r1", "state": "COMPLETE", "epochs": 2, "clean_acc": 0.5,
+             "robust_acc": 0.3, "params": {"loss.lam": 2.0, "attack.eps": 1.0}},
+            {"trial_id": "b", "name": "trial_002_b", "run_id": "r2", "state": "PRUNED", "epochs": 1, "clean_acc": 0.6,
+             "robust_acc": 0.1, "params": {"loss.lam": 0.2, "attack.eps": 4.0}},
+            {"trial_id": "c", "name": "trial_003_c", "run_id": "r3", "state": "FAIL", "epochs": None, "clean_acc": None,
+             "robust_acc": None, "params": {"loss.lam": 9.0}}]
+    best = [{**rows[0], "eps": 1.0, "final": {"clean_acc": 0.5, "pgd10_acc": 0.3, "pgd10_acc_eps2": 0.2},
+             "zero_shot": {"clean_acc": 0.4, "pgd10_acc": 0.1, "pgd10_acc_eps2": 0.05}}]
+    note = search_note(spec, spec.base, experiment_id="7", parent_id="p", rows=rows, best=best,
+                       counts={"COMPLETE": 1, "PRUNED": 1, "FAIL": 1}, registered=None, for_experiment=True)
+    assert "**Best trial: [trial_001_a](#/experiments/7/runs/r1)**" in note and "(#/experiments/7/runs/p)" in note
+    assert "| `loss.lam` | float, log | [0.1, 10] |" in note and "| `attack.eps` | categorical | 0.0, 1.0, 4.0 |" in note
+    assert "PGD-2 at each trial's own eval eps" not in note and "PGD-2 at eps 1/255 (L-inf)" in note
+    assert note.index("[trial_001_a]") < note.index("[trial_002_b]") < note.index("[trial_003_c]")
+    assert "| zero-shot CLIP (no prompts) | 0.400 | 0.100 | 0.050 |" in note and "1 failed" in note
+    assert trial_label("PRUNED", 1) == "pruned@epoch 1" and trial_label("FAIL", None) == "failed"
+    assert "after epoch 1 of 2" in trial_note("PRUNED", {"epoch": 1, "robust_acc": 0.0}, 2)
