@@ -45,7 +45,8 @@ def trial_note(state: str, result: dict[str, Any], epochs: int, error: str | Non
                 "was below the better trials' at that rung. A normal outcome of the search, not an error "
                 "(MLflow status FINISHED; a crash is FAILED).")
     elif state == "FAIL":
-        text = f"**Failed** at epoch {epoch or '?'}: {error or 'see the error tag and the Ray logs'}."
+        when = f"after epoch {epoch} of {epochs}" if epoch else "before its first epoch ended"
+        text = f"**Failed** {when} (MLflow status FAILED): {error or 'see the error tag and the Ray logs'}."
     else:
         text = f"**{state.title()}**."
     return text + "\n\nThe search's parent run describes the objective and lists the best trials."
