@@ -7,6 +7,7 @@ from __future__ import annotations
 import logging
 import shutil
 import tempfile
+import warnings
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -42,11 +43,13 @@ def save_champion(path: str | Path, prompts_file: str | Path) -> Path:
     with tempfile.TemporaryDirectory() as tmp:
         code = Path(tmp) / "pipeline"
         shutil.copytree(Path(champion_model.__file__).parent, code, ignore=shutil.ignore_patterns("__pycache__"))
-        mlflow.pyfunc.save_model(
-            path=str(path), python_model=champion_model.__file__, artifacts=artifacts, code_paths=[str(code)],
-            signature=signature, input_example=example, pip_requirements=_requirements(),
-            metadata={"classnames": list(state["classnames"]), "model": state["config"]["model"]["name"],
-                      "pretrained": state["config"]["model"].get("pretrained")})
+        with warnings.catch_warnings():  # "add type hints to predict": the signature below is the schema
+            warnings.filterwarnings("ignore", message=".*type hint", category=UserWarning)
+            mlflow.pyfunc.save_model(
+                path=str(path), python_model=champion_model.__file__, artifacts=artifacts, code_paths=[str(code)],
+                signature=signature, input_example=example, pip_requirements=_requirements(),
+                metadata={"classnames": list(state["classnames"]), "model": state["config"]["model"]["name"],
+                          "pretrained": state["config"]["model"].get("pretrained")})
     return Path(path)
 
 
@@ -77,7 +80,7 @@ def version_description(name: str, *, search: str, best: dict[str, Any], cfg: An
     model = cfg.model.name + (f" ({cfg.model.pretrained})" if cfg.model.pretrained else
                               " (local checkpoint, shipped with the model)" if cfg.model.checkpoint else " (random init)")
     lines = [f"**{cfg.method.upper()} prompts** ({cfg.prompt.design}, depth {cfg.prompt.depth}) on a frozen CLIP "
-             f"**{model}**, from search `{search}`, best trial [{best['trial_id']}]({link}).", "",
+             f"**{model}**, from search `{search}`, best trial [{best.get('name') or best['trial_id']}]({link}).", "",
              f"- Data: `{Path(str(cfg.data.path)).name}` ({cfg.data.shots}-shot training split; scores on its test "
              "split" + (f", first {cfg.data.test_limit} images" if cfg.data.test_limit else "") + ")",
              f"- Clean accuracy: {_pct(final.get('clean_acc'))}"]

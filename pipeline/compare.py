@@ -47,7 +47,8 @@ def run_compare(plan: dict[str, Any]) -> dict[str, Any]:
                                          tags={"kind": "compare"}, params={"methods": ",".join(plan["methods"])},
                                          config=plan["doc"])
     ctx = {"uri": uri, "experiment_id": exp_id, "parent_id": parent_id, "out": str(out),
-           "cpus": s["resources"].get("cpu", 1), "tapt": plan.get("tapt")}
+           "cpus": s["resources"].get("cpu", 1), "tapt": plan.get("tapt"),
+           "source_tags": tracking.source_tags()}
     t0 = time.perf_counter()
     chosen = run_tuning(plan["tuning"], out) if plan.get("tuning") else {}
     cells = run_cells(prepare_data(apply_tuned(plan["cells"], chosen), out / "data_subsets"), ctx, s)

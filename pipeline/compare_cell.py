@@ -24,8 +24,8 @@ def cell_main(config: dict[str, Any]) -> None:
     cell, ctx = config["cell"], config["ctx"]
     torch.set_num_threads(max(1, int(ctx["cpus"])))  # a trial's share; more threads only contend
     run = tracking.TrialRun(ctx["uri"], ctx["experiment_id"], ctx["parent_id"], cell["key"],
-                            run_name=cell["key"], tags={"method": cell["method"], "protocol": cell["protocol"],
-                                                         "seed": str(cell["seed"])})
+                            run_name=cell["key"], tags={**ctx.get("source_tags", {}), "method": cell["method"],
+                                                         "protocol": cell["protocol"], "seed": str(cell["seed"])})
     try:
         cfg = from_dict(cell["config"])
         device = resolve_device(cfg.run.device)

@@ -45,7 +45,8 @@ def trial_note(state: str, result: dict[str, Any], epochs: int, error: str | Non
                 "was below the better trials' at that rung. A normal outcome of the search, not an error "
                 "(MLflow status FINISHED; a crash is FAILED).")
     elif state == "FAIL":
-        text = f"**Failed** at epoch {epoch or '?'}: {error or 'see the error tag and the Ray logs'}."
+        when = f"after epoch {epoch} of {epochs}" if epoch else "before its first epoch ended"
+        text = f"**Failed** {when} (MLflow status FAILED): {error or 'see the error tag and the Ray logs'}."
     else:
         text = f"**{state.title()}**."
     return text + "\n\nThe search's parent run describes the objective and lists the best trials."
@@ -64,7 +65,7 @@ def search_note(spec: SearchSpec, base: dict[str, Any], *, experiment_id: str, p
                      "trial (expand the parent row in the runs table).")
     if best:
         b = best[0]
-        parts.append(f"**Best trial: [{b['trial_id']}]({link(b.get('run_id'))})** - robust_acc "
+        parts.append(f"**Best trial: [{_name(b)}]({link(b.get('run_id'))})** - robust_acc "
                      f"{_num(b['robust_acc'])}, clean_acc {_num(b['final'].get('clean_acc'))} "
                      f"(run id `{b.get('run_id')}`, tag `capt.best_trial_run_id`).")
     else:
@@ -82,11 +83,12 @@ def search_note(spec: SearchSpec, base: dict[str, Any], *, experiment_id: str, p
 
 def _objective(spec: SearchSpec, cfg: Any) -> str:
     objectives = ", ".join(f"`{o}`" for o in spec.search.objectives)
-    searched = " (eval.eps is searched: per trial)" if "eval.eps" in spec.space or (
-        cfg.eval.eps is None and "attack.eps" in spec.space) else ""
+    searched = "eval.eps" in spec.space or (cfg.eval.eps is None and "attack.eps" in spec.space)
+    how = (f"{cfg.eval.attack.upper()}-{cfg.eval.steps} at each trial's own eval eps (searched: see `eval.eps` "
+           "in the tables)") if searched and cfg.eval.attack != "none" else measured_by(cfg)
     sched = spec.search.scheduler
     return (f"**Objective**: maximise {objectives} at the last of {cfg.optim.epochs} epochs; `robust_acc` is measured "
-            f"on the test split by {measured_by(cfg)}{searched}. Training attack: {cfg.attack.name.upper()}-"
+            f"on the test split by {how}. Training attack: {cfg.attack.name.upper()}-"
             f"{cfg.attack.steps} at eps {cfg.attack.eps:g}/255. Sampler: Optuna TPE (seed {spec.search.seed}), "
             f"{spec.search.num_samples} trials; scheduler: {sched.get('type', 'asha').upper()} (grace period "
             f"{sched.get('grace_period', 1)}, reduction factor {sched.get('reduction_factor', 2)}). "
@@ -112,7 +114,8 @@ def _range(p: ParamSpec) -> str:
 
 
 def _counts(counts: dict[str, int]) -> str:
-    return ("**Trials**: " + ", ".join(f"{n} {s.lower()}" for s, n in counts.items())
+    words = {"COMPLETE": "complete", "PRUNED": "pruned", "FAIL": "failed"}
+    return ("**Trials**: " + ", ".join(f"{n} {words.get(s, s.lower())}" for s, n in counts.items())
             + " (pruned: stopped early by ASHA, run status FINISHED, name ending `pruned@epoch k`; "
             "failed: crashed, status FAILED).")
 
@@ -127,7 +130,7 @@ def _top(rows: list[dict[str, Any]], link: Any, spec: SearchSpec) -> str:
              "| --- " * (5 + len(keys)) + "|"]
     for r in order[:TOP]:
         vals = [_val(r["params"].get(k)) for k in keys]
-        lines.append(f"| [{r['trial_id']}]({link(r.get('run_id'))}) | {r['state'].lower()} | {r.get('epochs') or '-'} | "
+        lines.append(f"| [{_name(r)}]({link(r.get('run_id'))}) | {r['state'].lower()} | {r.get('epochs') or '-'} | "
                      f"{_num(r.get('clean_acc'))} | {_num(r.get('robust_acc'))} | " + " | ".join(vals) + " |")
     return "\n".join(lines)
 
@@ -136,16 +139,20 @@ def _final(best: list[dict[str, Any]], attacks: list[str]) -> str:
     """Strong-attack accuracies of the best trial(s), zero-shot CLIP beside the first."""
     cols = sorted({k for b in best for k in b["final"] if k != "clean_acc"}, key=_eps_order)
     zero = best[0].get("zero_shot") or {}
-    lines = ["**Final evaluation** (strong attacks on the test split; eps in 1/255; "
-             f"`{'`, `'.join(attacks)}` at each trial's eval eps `{best[0]['eps']:g}` and the `_eps<e>` columns)", "",
+    lines = ["**Final evaluation** on the test split (columns `<attack>_acc`: at the trial's eval eps, "
+             f"{best[0]['eps']:g}/255 for the best; `<attack>_acc_eps<e>`: at eps e/255)", "",
              "| | clean_acc | " + " | ".join(f"`{c}`" for c in cols) + " |", "| --- " * (2 + len(cols)) + "|"]
     for b in best:
-        lines.append(f"| {b['trial_id']} | {_num(b['final'].get('clean_acc'))} | "
+        lines.append(f"| {_name(b)} | {_num(b['final'].get('clean_acc'))} | "
                      + " | ".join(_num(b["final"].get(c)) for c in cols) + " |")
     if zero:
         lines.append("| zero-shot CLIP (no prompts) | " + _num(zero.get("clean_acc")) + " | "
                      + " | ".join(_num(zero.get(c)) for c in cols) + " |")
     return "\n".join(lines)
+
+
+def _name(row: dict[str, Any]) -> str:
+    return row.get("name") or row["trial_id"]
 
 
 def _eps_order(key: str) -> tuple[str, float]:

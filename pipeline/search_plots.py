@@ -75,7 +75,7 @@ def _acc_vs_eps(plt: Any, best: dict[str, Any], attacks: list[str]) -> Any:
             ax.plot([p[0] for p in pts], [p[1] for p in pts], "s--", color=f"C{i}", alpha=0.6,
                     label=f"zero-shot CLIP, {attack}")
     ax.set(xlabel="eps (1/255, L-inf; 0 = clean)", ylabel="test accuracy",
-           title=f"accuracy vs eps: best trial {best['trial_id']}")
+           title=f"accuracy vs eps: best trial {best.get('name') or best['trial_id']}")
     ax.legend(fontsize="small")
     return fig
 

@@ -275,13 +275,13 @@ def print_table(rows: list[dict[str, Any]]) -> None:
     print(f"\n{'trial':<22} " + " ".join(f"{c:>{width}}" for c in cols))
     for r in rows:
         vals = [r["final"].get("clean_acc"), r.get("robust_acc"), *[r["final"].get(c) for c in cols[2:]]]
-        print(f"{r['trial_id']:<22} " + " ".join(f"{_fmt(v):>{width}}" for v in vals))
+        print(f"{r.get('name') or r['trial_id']:<22} " + " ".join(f"{_fmt(v):>{width}}" for v in vals))
     if zero:
         vals = [zero.get("clean_acc"), None, *[zero.get(c) for c in cols[2:]]]
         print(f"{'zero-shot CLIP':<22} " + " ".join(f"{_fmt(v):>{width}}" for v in vals))
     print("(robust_acc: the per-epoch monitor at each trial's eval eps; eps in 1/255)")
     for r in rows:
-        print(f"{r['trial_id']}: " + ", ".join(f"{k}={_short(v)}" for k, v in sorted(r["params"].items())))
+        print(f"{r.get('name') or r['trial_id']}: " + ", ".join(f"{k}={_short(v)}" for k, v in sorted(r["params"].items())))
     print()
 
 
@@ -309,10 +309,11 @@ def finish(spec: SearchSpec, plan: Plan, parent_id: str, storage: Any, grid: Any
 
     uri = plan.tracking_uri
     rows = trial_rows(grid, spec)
-    run_ids = {r.data.tags.get(tracking.TRIAL_TAG): r.info.run_id
-               for r in tracking.trial_runs(uri, plan.experiment_id, parent_id)}
+    runs = {r.data.tags.get(tracking.TRIAL_TAG): r for r in tracking.trial_runs(uri, plan.experiment_id, parent_id)}
     for row in rows:
-        row["run_id"] = run_ids.get(row["trial_id"])
+        run = runs.get(row["trial_id"])
+        row["run_id"] = run.info.run_id if run else None
+        row["name"] = (run.info.run_name or "").split(" · ")[0] if run else row["trial_id"]
     study = optuna.load_study(study_name=spec.search.name, storage=storage)
     best = final_evaluation(spec, trial_context(spec, plan, parent_id), select_best(rows, spec))
     print_table(best)
@@ -353,7 +354,7 @@ def _describe(spec: SearchSpec, plan: Plan, parent_id: str, rows: list[dict[str,
 
     kw = {"experiment_id": plan.experiment_id, "parent_id": parent_id, "rows": rows, "best": best, "counts": counts,
           "registered": registered}
-    tags = {tracking.BEST_TAG: best[0]["run_id"], "capt.best_trial": best[0]["trial_id"]} \
+    tags = {tracking.BEST_TAG: best[0]["run_id"], "capt.best_trial": best[0]["name"]} \
         if best and best[0].get("run_id") else {}
     tracking.set_note(plan.tracking_uri, parent_id, search_note(spec, plan.base, **kw), tags)
     tracking.set_experiment_note(plan.tracking_uri, plan.experiment_id,

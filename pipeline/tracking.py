@@ -78,7 +78,8 @@ def source_tags() -> dict[str, str]:
     argv = [str(redact(a)) for a in sys.argv] or ["python"]
     argv[0] = Path(argv[0]).name if Path(argv[0]).is_absolute() else argv[0]
     argv = ["python", *argv] if argv[0].endswith(".py") else argv
-    tags = {COMMAND_TAG: " ".join(shlex.quote(a) for a in argv)[:5000]}
+    tags = {COMMAND_TAG: " ".join(shlex.quote(a) for a in argv)[:5000], "mlflow.source.name": argv[argv[0] == "python"]
+            if len(argv) > 1 else argv[0]}
     try:
         commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).resolve().parent, text=True,
                                 capture_output=True, timeout=10).stdout.strip()

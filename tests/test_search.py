@@ -141,7 +141,8 @@ def test_descriptions_name_the_best_trial_and_link_its_run(smoke):
     child = client.get_run(best_run)
     assert child.data.tags[tracking.PARENT_TAG] == parent.info.run_id and child.data.tags["trial_id"] == best["trial_id"]
     exp = client.get_experiment(doc["mlflow"]["experiment_id"])
-    link = f"[{best['trial_id']}](#/experiments/{exp.experiment_id}/runs/{best_run})"
+    assert child.info.run_name.startswith(f"{best['name']} · ") and best["name"].endswith(best["trial_id"])
+    link = f"[{best['name']}](#/experiments/{exp.experiment_id}/runs/{best_run})"
     for note in (parent.data.tags[tracking.NOTE_TAG], exp.tags[tracking.NOTE_TAG]):
         assert f"**Best trial: {link}**" in note
         assert "| `loss.lam` | float, log | [0.1, 10] |" in note  # the space with its ranges
@@ -160,17 +161,19 @@ def test_champion_from_the_best_trial_predicts_as_capt_eval(smoke, tmp_path):
 
     from pipeline.cli import main as capt
     from pipeline.config import from_dict
+    from pipeline.pixels import as_pixels
+    from pipeline.runs import load_run
     from pipeline.search_report import image_size
     from pipeline.task import load_task
 
     doc, uri, client = smoke["doc"], smoke["uri"], MlflowClient(smoke["uri"])
     version = client.get_model_version_by_alias("capt-smoke", "champion")
-    assert version.version == doc["mlflow"]["registered_model"]["version"]
+    assert str(version.version) == doc["mlflow"]["registered_model"]["version"]
     assert version.run_id == doc["best"][0]["run_id"]  # logged from the best trial, not the parent
     assert "Robust accuracy, pgd10 at eps" in version.description and "mlflow.pyfunc.load_model" in version.description
     run_dir = tmp_path / "run"
-    tracking.download(uri, f"runs:/{doc['mlflow']['parent_run_id']}/best_prompts/prompts.pt", run_dir)
-    (run_dir / "best_prompts" / "prompts.pt").rename(run_dir / "prompts.pt")
+    got = tracking.download(uri, f"runs:/{doc['mlflow']['parent_run_id']}/best_prompts/prompts.pt", run_dir)
+    assert got == run_dir / "prompts.pt"  # a run folder for `capt eval`
     shards = doc["config"]["base"]["data"]["path"]
     assert capt(["eval", "--run", str(run_dir), "--data", shards, "--attack", "pgd10", "--eps", "1", "--limit", "40",
                  "--device", "cpu", "--out", str(tmp_path / "eval")]) == 0
@@ -179,10 +182,14 @@ def test_champion_from_the_best_trial_predicts_as_capt_eval(smoke, tmp_path):
     with tracking._env(MLFLOW_TRACKING_URI=uri, MLFLOW_REGISTRY_URI=uri):
         model = mlflow.pyfunc.load_model("models:/capt-smoke@champion")
     task = load_task(dataclasses.replace(cfg.data, classes="all"), image_size("capt-tiny"))
-    probs = model.predict(task.test_x.numpy())
+    probs = model.predict(as_pixels(task.test_x).numpy())  # float [0, 1], as the signature says
     assert probs.shape == (40, 10) and np.allclose(probs.sum(1), 1, atol=1e-5)
     acc = float((probs.argmax(1) == task.test_y.numpy()).mean())
     assert acc == pytest.approx(ev["metrics"]["clean_acc"], abs=1e-6)
+    _, direct = load_run(run_dir)  # image by image too (near-chance accuracy on random CLIP weights)
+    with torch.no_grad():
+        expected = torch.softmax(direct(as_pixels(task.test_x)), dim=-1).numpy()
+    np.testing.assert_allclose(probs, expected, atol=1e-5)
 
 
 def test_a_second_search_with_the_same_name_is_refused(smoke):
@@ -239,3 +246,27 @@ def test_two_objectives_pareto_front_and_searcher(tmp_path):
     searcher.on_trial_complete("b", {"robust_acc": 0.2, "clean_acc": 0.5})  # stopped by ASHA
     study = optuna.load_study(study_name="smoke", storage=storage)
     assert [t.state for t in study.trials] == [OK, PRUNED] and study.trials[0].values == [0.7, 0.3]
+
+
+def test_search_note_and_trial_labels():
+    """The markdown the UI shows, from rows as finish() has them (fast: no search)."""
+    from pipeline.search_notes import search_note, trial_label, trial_note
+
+    spec = load_search(SMOKE, [])
+    rows = [{"trial_id": "a", "name": "trial_001_a", "run_id": "r1", "state": "COMPLETE", "epochs": 2, "clean_acc": 0.5,
+             "robust_acc": 0.3, "params": {"loss.lam": 2.0, "attack.eps": 1.0}},
+            {"trial_id": "b", "name": "trial_002_b", "run_id": "r2", "state": "PRUNED", "epochs": 1, "clean_acc": 0.6,
+             "robust_acc": 0.1, "params": {"loss.lam": 0.2, "attack.eps": 4.0}},
+            {"trial_id": "c", "name": "trial_003_c", "run_id": "r3", "state": "FAIL", "epochs": None, "clean_acc": None,
+             "robust_acc": None, "params": {"loss.lam": 9.0}}]
+    best = [{**rows[0], "eps": 1.0, "final": {"clean_acc": 0.5, "pgd10_acc": 0.3, "pgd10_acc_eps2": 0.2},
+             "zero_shot": {"clean_acc": 0.4, "pgd10_acc": 0.1, "pgd10_acc_eps2": 0.05}}]
+    note = search_note(spec, spec.base, experiment_id="7", parent_id="p", rows=rows, best=best,
+                       counts={"COMPLETE": 1, "PRUNED": 1, "FAIL": 1}, registered=None, for_experiment=True)
+    assert "**Best trial: [trial_001_a](#/experiments/7/runs/r1)**" in note and "(#/experiments/7/runs/p)" in note
+    assert "| `loss.lam` | float, log | [0.1, 10] |" in note and "| `attack.eps` | categorical | 0.0, 1.0, 4.0 |" in note
+    assert "PGD-2 at each trial's own eval eps" not in note and "PGD-2 at eps 1/255 (L-inf)" in note
+    assert note.index("[trial_001_a]") < note.index("[trial_002_b]") < note.index("[trial_003_c]")
+    assert "| zero-shot CLIP (no prompts) | 0.400 | 0.100 | 0.050 |" in note and "1 failed" in note
+    assert trial_label("PRUNED", 1) == "pruned@epoch 1" and trial_label("FAIL", None) == "failed"
+    assert "after epoch 1 of 2" in trial_note("PRUNED", {"epoch": 1, "robust_acc": 0.0}, 2)
