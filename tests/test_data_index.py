@@ -225,6 +225,12 @@ def test_search_opens_source_shards_once(tmp_path: Path, count_opens) -> None:
     in_trials = {p: n for p, n in count_opens.items() if p in source_shards and n > at_prepare.get(p, 0)}
     assert in_trials == {}, f"trials opened source shards: {in_trials}"
     assert str(Path(plan.storage_path) / "data_subsets") == from_dict(plan.base).data.cache
+    before = sum(count_opens[p] for p in source_shards)
+    spec2 = load_search(Path(__file__).resolve().parent.parent / "search_spaces" / "smoke.yaml",
+                        [f"search.out={tmp_path / 'out'}", f"base.data.path={digits}", "base.data.test_limit=100",
+                         "search.name=another"])
+    assert prepare(spec2).base == {**plan.base}  # another search (or --resume) on the same storage
+    assert sum(count_opens[p] for p in source_shards) == before  # reuses the subsets: no source read
 
 
 def test_cli_adopt_and_stale_index_are_one_line_errors(tmp_path: Path, tiny: Path, capsys) -> None:
