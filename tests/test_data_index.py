@@ -225,3 +225,33 @@ def test_search_opens_source_shards_once(tmp_path: Path, count_opens) -> None:
     in_trials = {p: n for p, n in count_opens.items() if p in source_shards and n > at_prepare.get(p, 0)}
     assert in_trials == {}, f"trials opened source shards: {in_trials}"
     assert str(Path(plan.storage_path) / "data_subsets") == from_dict(plan.base).data.cache
+    before = sum(count_opens[p] for p in source_shards)
+    spec2 = load_search(Path(__file__).resolve().parent.parent / "search_spaces" / "smoke.yaml",
+                        [f"search.out={tmp_path / 'out'}", f"base.data.path={digits}", "base.data.test_limit=100",
+                         "search.name=another"])
+    assert prepare(spec2).base == {**plan.base}  # another search (or --resume) on the same storage
+    assert sum(count_opens[p] for p in source_shards) == before  # reuses the subsets: no source read
+
+
+def test_cli_adopt_and_stale_index_are_one_line_errors(tmp_path: Path, tiny: Path, capsys) -> None:
+    from pipeline.cli import main
+
+    root = tmp_path / "wds"
+    _wds_tars(root)
+    (tmp_path / "four.txt").write_text("a\nb\nc\nd\n")
+    (tmp_path / "three.txt").write_text("a\nb\nc\n")
+    assert main(["shards", "--adopt", str(root), "--classes", str(tmp_path / "four.txt"), "--split", "train=*.tar"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("capt: error: ") and "four.txt" in err and "\n" not in err
+    assert main(["shards", "--adopt", str(root), "--classes", str(tmp_path / "three.txt"), "--split", "train=*.tar"]) == 0
+    assert "indexed 12 samples (train_samples 12), 3 classes" in capsys.readouterr().out
+    shard = tiny / "test-000000.tar"
+    with open(shard, "r+b") as handle:
+        handle.truncate(shard.stat().st_size - 512)
+    config = Path(__file__).resolve().parent.parent / "configs" / "capt.yaml"
+    assert main(["train", "--config", str(config), "--out", str(tmp_path / "run"), "--set", f"data.path={tiny}",
+                 "--set", "model.name=capt-tiny", "--set", "data.test_limit=null"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("capt: error: ") and "test-000000.tar" in err and "stale" in err and "\n" not in err
+    assert main(["shards", "--index", str(tiny)]) == 0  # re-indexed: usable again
+    load_task(DataConfig(path=str(tiny), shots=1), 6)
