@@ -44,6 +44,7 @@ from hpo_replay import (  # noqa: E402
 )
 
 from pipeline.config import read_yaml  # noqa: E402
+from pipeline.search_sampler import startup_trials  # noqa: E402
 
 OURS, BASELINE, TWO_OBJ = "tpe+asha", "random", "tpe+asha 2-obj"
 SAME = "tpe+asha, same trial count"
@@ -54,6 +55,8 @@ def run_strategy(doc: dict[str, Any], table: Table, name: str, seeds: list[int],
     """Replays of one strategy, one per seed, on the budget of ``trials`` full trials (ASHA: as many
     trials as fit; ``same_trials``: exactly ``trials`` trials, using what ASHA leaves of the budget)."""
     budget = trials * table.epochs
+    if "n_startup_trials" not in search.get("sampler", {}):  # the real search's (it runs `trials` trials)
+        search = {**search, "sampler": {**search.get("sampler", {}), "n_startup_trials": startup_trials(trials)}}
     curves, hvs, counts, pruned, used, t0 = [], [], [], [], [], time.perf_counter()
     for seed in seeds:
         spec = strategy_spec(doc, table, STRATEGIES[name], seed=seed, num_samples=trials * table.epochs,

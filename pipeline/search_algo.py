@@ -73,7 +73,8 @@ def make_searcher(spec: SearchSpec, storage: optuna.storages.BaseStorage) -> Con
     # A grid enumerates its points itself (and Optuna's GridSampler rejects partial enqueued points).
     grid = spec.search.sampler.get("type") == "grid"
     points = [] if grid else [dict(p) for p in spec.search.points_to_evaluate]
-    sampler = make_sampler(spec.search.sampler, spec.space, seed=spec.search.seed, conditional=spec.conditional)
+    sampler = make_sampler(spec.search.sampler, spec.space, seed=spec.search.seed, conditional=spec.conditional,
+                           num_samples=spec.search.num_samples)
     searcher = CaptOptunaSearch(optuna_space(spec), metric=spec.metrics if multi else spec.metrics[0],
                                 mode=modes if multi else modes[0],
                                 points_to_evaluate=points or None,
