@@ -21,6 +21,7 @@ from ray.tune.search import ConcurrencyLimiter
 from ray.tune.search.optuna import OptunaSearch
 
 from pipeline.search_sampler import make_sampler
+from pipeline.config import ConfigError
 from pipeline.search_space import SearchSpec, optuna_space
 
 log = logging.getLogger("pipeline.search")
@@ -72,7 +73,7 @@ def make_searcher(spec: SearchSpec, storage: optuna.storages.BaseStorage) -> Con
     multi = len(spec.metrics) > 1
     # A grid enumerates its points itself (and Optuna's GridSampler rejects partial enqueued points).
     grid = spec.search.sampler.get("type") == "grid"
-    points = [] if grid else [dict(p) for p in spec.search.points_to_evaluate]
+    points = [] if grid else complete_points(spec)
     sampler = make_sampler(spec.search.sampler, spec.space, seed=spec.search.seed, conditional=spec.conditional,
                            num_samples=spec.search.num_samples)
     searcher = CaptOptunaSearch(optuna_space(spec), metric=spec.metrics if multi else spec.metrics[0],
@@ -80,6 +81,30 @@ def make_searcher(spec: SearchSpec, storage: optuna.storages.BaseStorage) -> Con
                                 points_to_evaluate=points or None,
                                 sampler=sampler, study_name=spec.search.name, storage=storage)
     return ConcurrencyLimiter(searcher, max_concurrent=spec.search.max_concurrent)
+
+
+def complete_points(spec: SearchSpec) -> list[dict[str, Any]]:
+    """``points_to_evaluate`` as the searcher takes them. A partial point is fine in a conditional
+    (define-by-run) space; an unconditional one needs every searched key (Ray's OptunaSearch refuses a
+    short point at start), so a missing key takes the base config's value when that lies in its range."""
+    points = [dict(p) for p in spec.search.points_to_evaluate]
+    if spec.conditional or not points:
+        return points
+    base = spec.base_config().to_dict()
+    for i, point in enumerate(points):
+        for key, param in spec.space.items():
+            if key in point:
+                continue
+            value: Any = base
+            for part in key.split("."):
+                value = value.get(part) if isinstance(value, dict) else None
+            inside = (value in param.choices) if param.type == "categorical" else (
+                isinstance(value, int | float) and param.low <= value <= param.high)
+            if not inside:
+                raise ConfigError(f"search.points_to_evaluate[{i}]: give {key!r} (the base value {value!r} is "
+                                  "outside its searched range)")
+            point[key] = value
+    return points
 
 
 def make_scheduler(spec: SearchSpec, epochs: int) -> Any:

@@ -139,3 +139,25 @@ def test_capt_search_subcommand_takes_the_same_arguments():
     register(parser.add_subparsers(dest="command"))
     args = parser.parse_args(["search", "--config", "x.yaml", "--set", "a=1", "--set", "b=2", "--resume"])
     assert args.func is cmd_search and args.set == ["a=1", "b=2"] and args.resume and args.config == "x.yaml"
+
+
+def test_partial_point_in_an_unconditional_space_is_completed_from_the_base():
+    """Ray's OptunaSearch refuses a short point in a distribution-dict space at search start; the searcher
+    gets it completed with the base values, and a base value outside the searched range is refused."""
+    from pipeline.search_algo import complete_points, make_searcher
+
+    space = {"loss.lam": {"type": "float", "low": 0.1, "high": 10.0, "log": True},
+             "prompt.depth": {"type": "int", "low": 1, "high": 4}}
+    tree = doc(**space)
+    tree["base"]["prompt"] = {"depth": 3}
+    tree["search"]["points_to_evaluate"] = [{"loss.lam": 2.0}]
+    spec = load_search(None, tree=tree)
+    assert complete_points(spec) == [{"loss.lam": 2.0, "prompt.depth": 3}]
+    searcher = make_searcher(spec, optuna.storages.InMemoryStorage())
+    searcher.set_search_properties(None, None, {})  # Ray's own check of the points runs here
+    assert searcher.suggest("t0")["prompt.depth"] == 3
+    tree["base"]["prompt"] = {"depth": 6}
+    tree["search"]["points_to_evaluate"] = [{"loss.lam": 2.0}]
+    tree["space"]["prompt.depth"]["high"] = 4
+    with pytest.raises(ConfigError, match=r"points_to_evaluate\[0\]: give 'prompt.depth'"):
+        complete_points(load_search(None, tree=tree))
