@@ -146,7 +146,8 @@ def test_descriptions_name_the_best_trial_and_link_its_run(smoke):
     for note in (parent.data.tags[tracking.NOTE_TAG], exp.tags[tracking.NOTE_TAG]):
         assert f"**Best trial: {link}**" in note
         assert "| `loss.lam` | float, log | [0.1, 10] |" in note  # the space with its ranges
-        assert "PGD-2 at eps" in note and "/255" in note and "1 failed" in note and "zero-shot CLIP" in note
+        assert "PGD-2 at each trial's own eval eps (searched" in note and "1/255" in note  # eval.eps is searched
+        assert "1 failed (pruned: stopped early by ASHA" in note and "zero-shot CLIP" in note
     assert f"(#/experiments/{exp.experiment_id}/runs/{parent.info.run_id})" in exp.tags[tracking.NOTE_TAG]
     assert exp.tags["mlflow.experimentKind"] == "custom_model_development"  # the UI opens on the runs
 
