@@ -20,8 +20,8 @@ from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 from ray.tune.search import ConcurrencyLimiter
 from ray.tune.search.optuna import OptunaSearch
 
-from pipeline.search_sampler import make_sampler
 from pipeline.config import ConfigError
+from pipeline.search_sampler import make_sampler
 from pipeline.search_space import SearchSpec, optuna_space
 
 log = logging.getLogger("pipeline.search")
