@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,13 +23,17 @@ from typing import Any
 import optuna
 
 from pipeline.config import Config, ConfigError, from_dict, parse_override, read_yaml, set_dotted
+from pipeline.search_checks import (
+    check_param_against_config,
+    check_points,
+    check_search,
+    check_when,
+    is_number,
+)
 from pipeline.search_sampler import DEFAULTS as SAMPLER_DEFAULTS
 from pipeline.search_sampler import check_sampler
 
 SECTIONS = ("base", "search", "tracking", "space")
-OBJECTIVES = ("robust_acc", "clean_acc")
-SCHEDULERS = ("asha", "none")
-FINAL_ATTACKS = ("pgd10", "pgd100", "cw100", "autoattack")
 
 
 @dataclass(frozen=True)
@@ -185,15 +188,15 @@ def parse_search(doc: dict[str, Any], source: str = "") -> SearchSpec:
         raise ConfigError(f"base: {exc}") from None
     search = _settings(SearchSettings, doc.get("search") or {}, "search")
     tracking = _settings(TrackingSettings, doc.get("tracking") or {}, "tracking")
-    _check_search(search)
+    check_search(search)
     raw_space = doc.get("space") or {}
     if not isinstance(raw_space, dict):
         raise ConfigError("space: expected a mapping of dotted config keys to distributions")
     space = {key: parse_param(key, value) for key, value in raw_space.items()}
     for param in space.values():
-        _check_param_against_config(param, base_cfg)
-        _check_when(param, space)
-    _check_points(search.points_to_evaluate, space, base_cfg)
+        check_param_against_config(param, base_cfg)
+        check_when(param, space)
+    check_points(search.points_to_evaluate, space, base_cfg)
     check_sampler(search.sampler, space)
     if "attack.eps" in space and "eval.eps" not in space and base_cfg.eval.eps is None:
         raise ConfigError("space.attack.eps: the training eps is searched but base.eval.eps is not set, so trials "
@@ -221,7 +224,7 @@ def parse_param(key: str, value: Any) -> ParamSpec:
         raise ConfigError(f"{where}: type must be float, int or categorical, got {kind!r}")
     low, high, step = value.get("low"), value.get("high"), value.get("step")
     for name, v in (("low", low), ("high", high)):
-        if not _is_number(v) or (kind == "int" and not float(v).is_integer()):
+        if not is_number(v) or (kind == "int" and not float(v).is_integer()):
             raise ConfigError(f"{where}: {name} must be {'an integer' if kind == 'int' else 'a number'}, got {v!r}")
     if low >= high:
         raise ConfigError(f"{where}: empty range: low ({low}) must be < high ({high})")
@@ -230,7 +233,7 @@ def parse_param(key: str, value: Any) -> ParamSpec:
         raise ConfigError(f"{where}: log must be true or false")
     if log and low <= 0:
         raise ConfigError(f"{where}: log scale needs low > 0, got {low}")
-    if step is not None and (not _is_number(step) or step <= 0 or log):
+    if step is not None and (not is_number(step) or step <= 0 or log):
         raise ConfigError(f"{where}: step must be a positive number (and not combined with log)")
     return ParamSpec(key=key, type=kind, low=low, high=high, log=log, step=step, when=when)
 
@@ -314,84 +317,12 @@ def _coerce_setting(key: str, value: Any, default: Any) -> Any:
     return value
 
 
-def _check_search(s: SearchSettings) -> None:
-    if not s.name or not all(c.isalnum() or c in "-_." for c in s.name):
-        raise ConfigError(f"search.name: {s.name!r} must be non-empty letters, digits, '-', '_' or '.'")
-    if not s.objectives or len(set(s.objectives)) != len(s.objectives) or any(o not in OBJECTIVES for o in s.objectives):
-        raise ConfigError(f"search.objectives: {list(s.objectives)} must be distinct names from {list(OBJECTIVES)}")
-    if s.num_samples < 1 or s.max_concurrent < 1 or s.max_failures < 0:
-        raise ConfigError("search: num_samples and max_concurrent must be >= 1, max_failures >= 0")
-    if s.scheduler.get("type") not in SCHEDULERS:
-        raise ConfigError(f"search.scheduler.type: {s.scheduler.get('type')!r} is not one of {list(SCHEDULERS)}")
-    if s.scheduler["type"] == "asha":
-        grace, rf = s.scheduler.get("grace_period", 1), s.scheduler.get("reduction_factor", 2)
-        if not isinstance(grace, int) or grace < 1 or not _is_number(rf) or rf <= 1:
-            raise ConfigError("search.scheduler: grace_period must be an integer >= 1 and reduction_factor > 1")
-    extra = set(s.resources) - {"cpu", "gpu"}
-    if extra or not all(_is_number(v) and v >= 0 for v in s.resources.values()) or s.resources.get("cpu", 1) <= 0:
-        raise ConfigError(f"search.resources: {s.resources} must be {{cpu: >0, gpu: >=0 (fractions allowed)}}")
-    for name in s.final_attacks:
-        if name not in FINAL_ATTACKS:
-            raise ConfigError(f"search.final_attacks: unknown attack {name!r}; choose from {list(FINAL_ATTACKS)}")
-    if any(not _is_number(e) or not 0 <= e <= 255 for e in s.final_eps):
-        raise ConfigError(f"search.final_eps: {list(s.final_eps)} must be numbers in [0, 255] (units of 1/255)")
-    if s.top_k is not None and (not isinstance(s.top_k, int) or s.top_k < 1):
-        raise ConfigError(f"search.top_k: {s.top_k!r} must be an integer >= 1 or null")
-    knob = s.inject_failure
-    if knob is not None and (not isinstance(knob, dict) or set(knob) - {"trial_index", "epoch"}):
-        raise ConfigError("search.inject_failure: expected {trial_index: int, epoch: int} (tests only)")
-
-
-def _check_param_against_config(p: ParamSpec, base: Config) -> None:
-    """Every sample value must make a valid config: the key exists and the type fits."""
-    for value in p.samples():
-        try:
-            base.replace(**{p.key: value})
-        except ConfigError as exc:
-            msg = str(exc)
-            if msg.startswith("unknown config key"):
-                raise ConfigError(f"space.{p.key}: not a config key ({msg})") from None
-            raise ConfigError(f"space.{p.key}: value {value!r} is invalid: {msg}") from None
-
-
 def _parse_when(where: str, when: Any) -> dict[str, tuple[Any, ...]]:
     if when is None:
         return {}
     if not isinstance(when, dict) or not when:
         raise ConfigError(f"{where}.when: expected a mapping {{other_param: value or [values]}}")
     return {k: tuple(v) if isinstance(v, list) else (v,) for k, v in when.items()}
-
-
-def _check_when(p: ParamSpec, space: dict[str, ParamSpec]) -> None:
-    for parent, values in p.when.items():
-        where = f"space.{p.key}.when"
-        if parent == p.key:
-            raise ConfigError(f"{where}: a parameter cannot depend on itself")
-        if parent not in space:
-            raise ConfigError(f"{where}: {parent!r} is not a searched parameter")
-        ref = space[parent]
-        if ref.type != "categorical" or ref.when:
-            raise ConfigError(f"{where}: {parent!r} must be an unconditional categorical parameter")
-        bad = [v for v in values if v not in ref.choices]
-        if bad:
-            raise ConfigError(f"{where}: {bad[0]!r} is not one of {parent}'s choices {list(ref.choices)}")
-
-
-def _check_points(points: tuple[dict[str, Any], ...], space: dict[str, ParamSpec], base: Config) -> None:
-    for i, point in enumerate(points):
-        if not isinstance(point, dict):
-            raise ConfigError(f"search.points_to_evaluate[{i}]: expected a mapping of searched keys")
-        for key in point:
-            if key not in space:
-                raise ConfigError(f"search.points_to_evaluate[{i}]: {key!r} is not a searched parameter")
-        try:
-            base.replace(**point)
-        except ConfigError as exc:
-            raise ConfigError(f"search.points_to_evaluate[{i}]: {exc}") from None
-
-
-def _is_number(v: Any) -> bool:
-    return isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
 
 
 def _param_dict(p: ParamSpec) -> dict[str, Any]:

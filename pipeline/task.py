@@ -125,11 +125,11 @@ def _load_remote(cfg: DataConfig, source: Any, names: list[str], subset: list[in
 
 
 def _class_subset(which: str, n: int) -> list[int] | None:
-    from .data import stream
+    from .data import select
 
     if which == "all":
         return None
-    base, new = stream.base_new_split(n)
+    base, new = select.base_new_split(n)
     return base if which == "base" else new
 
 

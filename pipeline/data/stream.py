@@ -19,7 +19,6 @@ import io
 import itertools
 import json
 import logging
-import math
 import os
 import random
 from collections.abc import Iterator, Sequence
@@ -36,6 +35,7 @@ from webdataset.tariterators import group_by_keys, tar_file_expander
 
 from .meta import META_NAME, read_meta, validate_meta
 from .pixels import to_tensor, to_uint8
+from .select import base_new_split, check_classes, few_shot_indices  # noqa: F401  (re-exported)
 
 log = logging.getLogger(__name__)
 
@@ -99,51 +99,12 @@ def shard_urls(source: ShardSource | str | Path, split: str) -> list[str]:
 def class_names(source: ShardSource | str | Path, classes: Sequence[int] | None = None) -> list[str]:
     """Class names in label order, or of the ``classes`` subset in the given (remapped) order."""
     names = ShardSource.open(source).meta["classes"]
-    return list(names) if classes is None else [names[c] for c in _check_classes(classes, len(names))]
+    return list(names) if classes is None else [names[c] for c in check_classes(classes, len(names))]
 
 
 def templates(source: ShardSource | str | Path) -> list[str]:
     """The prompt templates recorded with the shards (each holds one ``{}`` for the class name)."""
     return list(ShardSource.open(source).meta["templates"])
-
-
-def base_new_split(num_classes: int) -> tuple[list[int], list[int]]:
-    """CoOp base-to-new convention: the first ceil(n/2) classes are base, the rest new."""
-    if num_classes < 2:
-        raise ValueError(f"base/new split needs at least 2 classes, got {num_classes}")
-    half = math.ceil(num_classes / 2)
-    return list(range(half)), list(range(half, num_classes))
-
-
-def few_shot_indices(labels: Sequence[int], shots: int | None, seed: int) -> list[int]:
-    """Indices of ``shots`` samples per class (all when None), ascending, deterministic in ``seed``.
-
-    Each class draws from its own seeded generator, so adding or removing a class leaves the other
-    classes' picks unchanged. A class with fewer than ``shots`` samples contributes all of them.
-    """
-    if shots is not None and shots < 1:
-        raise ValueError(f"shots must be a positive integer or None, got {shots}")
-    by_class: dict[int, list[int]] = {}
-    for index, label in enumerate(labels):
-        by_class.setdefault(int(label), []).append(index)
-    chosen: list[int] = []
-    for label in sorted(by_class):
-        members = by_class[label]
-        if shots is not None and len(members) < shots:
-            log.warning("class %d has %d samples, fewer than %d shots: taking all",
-                        label, len(members), shots)
-        take_all = shots is None or len(members) <= shots
-        chosen += members if take_all else random.Random(f"{seed}:shots:{label}").sample(members, shots)
-    return sorted(chosen)
-
-
-def _check_classes(classes: Sequence[int], num_classes: int | None) -> list[int]:
-    classes = [int(c) for c in classes]
-    if not classes or len(set(classes)) != len(classes):
-        raise ValueError(f"classes must be a non-empty list without repeats, got {classes}")
-    if any(c < 0 or (num_classes is not None and c >= num_classes) for c in classes):
-        raise ValueError(f"classes {classes} outside [0, {num_classes})")
-    return classes
 
 
 class ShardDataset(IterableDataset):
@@ -168,7 +129,7 @@ class ShardDataset(IterableDataset):
         self.urls = list(urls)
         self.image_size = image_size
         self.num_classes = num_classes
-        kept = None if classes is None else _check_classes(classes, num_classes)
+        kept = None if classes is None else check_classes(classes, num_classes)
         self.remap = None if kept is None else {c: i for i, c in enumerate(kept)}
         self.shuffle_buffer, self.shard_shuffle, self.seed = shuffle_buffer, shard_shuffle, seed
         self.strict, self.resampled, self.with_keys = strict, resampled, with_keys
