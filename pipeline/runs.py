@@ -28,6 +28,7 @@ def load_run(run_dir: str | Path, device: torch.device | str = "cpu") -> tuple[C
         raise ConfigError(f"--run: {run_dir} is not a run folder (no prompts.pt; make one with `capt train`)")
     state = load_prompts(path)
     cfg = from_dict(state["config"])
+    torch.manual_seed(cfg.run.seed)  # as train() did: the same CLIP when its weights are randomly initialised
     model = build_model(cfg, list(state["classnames"]), list(state["templates"]), torch.device(device))
     model.load_prompt_state(state["prompts"], source=str(path))
     model.eval()

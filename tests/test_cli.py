@@ -76,3 +76,22 @@ def test_console_script_help():
     out = subprocess.run([sys.executable, "-m", "pipeline.cli", "--help"], capture_output=True, text=True, check=True)
     for name in ("shards", "tiny-clip", "train", "eval", "demo"):
         assert name in out.stdout
+
+
+def test_a_random_init_run_reloads_the_same_clip(digits, tmp_path):
+    """A run whose CLIP has no weights file (random init, seeded by run.seed in training) reloads the same
+    frozen CLIP whatever the caller's RNG state, so `capt eval` / `capt tapt` measure the trained model."""
+    import torch
+
+    from pipeline.runs import load_run
+
+    run = tmp_path / "run"
+    assert main(["train", "--config", "configs/zeroshot.yaml", "--out", str(run), *TINY,
+                 "--set", f"data.path={digits}", "--set", "eval.final_attacks=[]"]) == 0
+    states = []
+    for seed in (1, 2):
+        torch.manual_seed(seed)
+        _, model = load_run(run)
+        states.append({k: v.clone() for k, v in model.state_dict().items()})
+    assert states[0].keys() == states[1].keys()
+    assert all(torch.equal(states[0][k], states[1][k]) for k in states[0])
