@@ -23,7 +23,7 @@ from pipeline import losses
 from pipeline.config import load_config
 from pipeline.train import OBJECTIVES, Step, build_model, make_train_attack, train
 
-FAST = ["prompt.depth=2", "optim.batch_size=8", "optim.warmup_epochs=0", "optim.lr=0.05",
+FAST = ["prompt.depth=2", "optim.batch_size=8", "optim.warmup_epochs=0", "optim.lr=0.05", "data.augment=none",
         "eval.attack=pgd", "eval.steps=2"]
 TOL = dict(rtol=1e-5, atol=1e-5)
 

@@ -159,10 +159,10 @@ def test_champion_from_the_best_trial_predicts_as_capt_eval(smoke, tmp_path):
 
     import mlflow.pyfunc
     import numpy as np
-    from pipeline.pixels import as_pixels
 
     from pipeline.cli import main as capt
     from pipeline.config import from_dict
+    from pipeline.data.pixels import as_pixels
     from pipeline.runs import load_run
     from pipeline.search_report import image_size
     from pipeline.task import load_task

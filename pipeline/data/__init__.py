@@ -18,21 +18,21 @@ Modules, by concept:
 Docs: docs/DATA.md.
 """
 
-from .meta import DEFAULT_TEMPLATES, META_NAME, read_meta, validate_meta
-from .stream import (
-                     ShardDataset,
-                     ShardSource,
-                     base_new_split,
-                     class_names,
-                     few_shot_indices,
-                     load_split,
-                     make_dataset,
-                     make_loader,
-                     shard_urls,
-                     templates,
-)
-from .write import write_dataset, write_split
+from importlib import import_module
+from typing import Any
 
-__all__ = ["DEFAULT_TEMPLATES", "META_NAME", "ShardDataset", "ShardSource", "base_new_split", "class_names",
-           "few_shot_indices", "load_split", "make_dataset", "make_loader", "read_meta", "shard_urls",
-           "templates", "validate_meta", "write_dataset", "write_split"]
+from .meta import DEFAULT_TEMPLATES, META_NAME, read_meta, validate_meta
+
+# The readers and writers need webdataset, which a bare GPU machine lacks: loaded on first use, so that
+# `from pipeline.data import augment` (training) and `pipeline.data.pixels` (evaluation) import without it.
+_LAZY = {**dict.fromkeys(("ShardDataset", "ShardSource", "base_new_split", "class_names", "few_shot_indices",
+                          "load_split", "make_dataset", "make_loader", "shard_urls", "templates"), "stream"),
+         "write_dataset": "write", "write_split": "write"}
+
+__all__ = ["DEFAULT_TEMPLATES", "META_NAME", "read_meta", "validate_meta", *_LAZY]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        return getattr(import_module(f".{_LAZY[name]}", __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
