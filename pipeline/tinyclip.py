@@ -163,9 +163,7 @@ def tiny_clip_from_shards(data_dir: str | Path, out_file: str | Path, cfg: TinyC
     """``capt tiny-clip``: train on the shards' train split, save the state dict, report zero-shot accuracy."""
     from . import data as shards_data
 
-    out = Path(out_file)
-    if out.suffix != ".pt":
-        raise ConfigError(f"--out: {out} should be a .pt file")
+    out = _out_file(out_file)
     register_model_configs()
     size = open_clip.get_model_config(cfg.model)["vision_cfg"]["image_size"]
     source = shards_data.ShardSource.open(data_dir)
@@ -177,10 +175,7 @@ def tiny_clip_from_shards(data_dir: str | Path, out_file: str | Path, cfg: TinyC
     model = train_tiny_clip(x, y, names, templates, cfg, progress=progress)
     seconds = time.perf_counter() - t0
     acc = zero_shot_accuracy(model, xt, yt, names, templates, cfg.model)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(".tmp")
-    torch.save(model.state_dict(), tmp)
-    tmp.replace(out)
+    _save(model, out)
     log.info("tiny-clip: zero-shot test accuracy %.3f after %.0fs -> %s", acc, seconds, out)
     return {"model": cfg.model, "checkpoint": str(out), "zero_shot_acc": acc, "train_seconds": seconds,
             "steps": cfg.steps}
@@ -193,9 +188,7 @@ def tiny_clip_from_many(data_dirs: list[str | Path], out_file: str | Path, cfg: 
     (over that data set's own classes and templates, on at most ``test_limit`` test images)."""
     from . import data as shards_data
 
-    out = Path(out_file)
-    if out.suffix != ".pt":
-        raise ConfigError(f"--out: {out} should be a .pt file")
+    out = _out_file(out_file)
     register_model_configs()
     size = open_clip.get_model_config(cfg.model)["vision_cfg"]["image_size"]
     xs, ys, ws, names, per_class, tests = [], [], [], [], [], {}
@@ -219,10 +212,22 @@ def tiny_clip_from_many(data_dirs: list[str | Path], out_file: str | Path, cfg: 
                             weights=torch.cat(ws))
     seconds = time.perf_counter() - t0
     acc = {name: zero_shot_accuracy(model, xt, yt, cls, tmpl, cfg.model) for name, (xt, yt, cls, tmpl) in tests.items()}
+    _save(model, out)
+    log.info("tiny-clip: zero-shot test accuracy %s after %.0fs -> %s", acc, seconds, out)
+    return {"model": cfg.model, "checkpoint": str(out), "zero_shot_acc": acc, "train_seconds": seconds,
+            "steps": cfg.steps, "data": [str(p) for p in data_dirs]}
+
+
+def _out_file(path: str | Path) -> Path:
+    out = Path(path)
+    if out.suffix != ".pt":
+        raise ConfigError(f"--out: {out} should be a .pt file")
+    return out
+
+
+def _save(model: torch.nn.Module, out: Path) -> None:
+    """The state dict, written atomically (a half-written weights file is never left at ``out``)."""
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_suffix(".tmp")
     torch.save(model.state_dict(), tmp)
     tmp.replace(out)
-    log.info("tiny-clip: zero-shot test accuracy %s after %.0fs -> %s", acc, seconds, out)
-    return {"model": cfg.model, "checkpoint": str(out), "zero_shot_acc": acc, "train_seconds": seconds,
-            "steps": cfg.steps, "data": [str(p) for p in data_dirs]}
