@@ -28,6 +28,15 @@ def toy_images(n_per_class: int, seed: int, n_classes: int = 4, size: int = 32) 
     return x, y
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models on 2 shared cores: one intra-op thread avoids oversubscription stalls."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
 @pytest.fixture(scope="session")
 def tiny_clip():
     torch.manual_seed(0)

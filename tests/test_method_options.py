@@ -14,13 +14,7 @@ from pipeline.tapt_stats import compute_stats
 
 from .conftest import CLASSES, TEMPLATES
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _model(tiny_clip, design: str = "ivlp", **kw) -> PromptedCLIP:

@@ -39,14 +39,7 @@ from pipeline.tapt_stats import (
 
 from .conftest import CLASSES, TEMPLATES, toy_images
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models on 2 shared cores: one intra-op thread avoids oversubscription stalls."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _model(tiny_clip, design: str, depth: int = 3) -> PromptedCLIP:
