@@ -78,7 +78,7 @@ def test_strength_ordering_on_trained_model(trained_classifier):
     """AutoAttack <= PGD-100 <= PGD-10 <= clean on the same model and eps."""
     model, x, y = trained_classifier
     torch.manual_seed(0)
-    m = final_metrics(model, x[::2], y[::2], attacks=["pgd10", "pgd100", "autoattack"], eps_list=[16.0],
+    m = final_metrics(model, x[::4], y[::4], attacks=["pgd10", "pgd100", "autoattack"], eps_list=[16.0],
                       primary_eps=16.0)
     assert m["clean_acc"] >= 0.9, m  # a model worth attacking
     assert m["autoattack_acc"] <= m["pgd100_acc"] <= m["pgd10_acc"] <= m["clean_acc"], m
@@ -129,8 +129,8 @@ def test_evaluation_pgd_active_set_matches_full_batch_and_saves_work(trained_cla
 def test_autoattack_on_a_subset_reports_the_others_on_the_same_images(trained_classifier):
     model, x, y = trained_classifier
     x, y = x[1::2], y[1::2]  # 16 images (AutoAttack costs seconds per image still standing on a CPU)
-    torch.manual_seed(0)
-    full = final_metrics(model, x, y, attacks=["pgd10", "autoattack"], eps_list=[16.0], primary_eps=16.0)
+    # the whole-set figures without AutoAttack (they must not depend on it; PGD seeds its own noise)
+    full = final_metrics(model, x, y, attacks=["pgd10"], eps_list=[16.0], primary_eps=16.0)
     torch.manual_seed(0)
     sub = final_metrics(model, x, y, attacks=["pgd10", "autoattack"], eps_list=[16.0], primary_eps=16.0,
                         autoattack_limit=10)
