@@ -112,5 +112,5 @@ def make_scheduler(spec: SearchSpec, epochs: int) -> Any:
     if sched["type"] == "none" or epochs < 1:
         return FIFOScheduler()
     return ASHAScheduler(time_attr="epoch", metric="robust_acc", mode="max", max_t=max(epochs, 1),
-                         grace_period=min(int(sched.get("grace_period", 1)), epochs),
+                         grace_period=min(int(sched.get("grace_period", 2)), epochs),
                          reduction_factor=sched.get("reduction_factor", 2))

@@ -65,7 +65,7 @@ def test_replay_prunes_through_optuna_and_curve_never_decreases(doc: dict, name:
     states = {t.number: t.state for t in rep.study.trials}
     pruned = [f for f in rep.trials if f["state"] == "PRUNED"]
     complete = [f for f in rep.trials if f["state"] == "COMPLETE"]
-    assert len(rep.trials) == 8 and pruned and complete  # ASHA (grace 1, rf 2) stops some of 8 trials
+    assert len(rep.trials) == 8 and pruned and complete  # ASHA (demo.yaml: grace 2, rf 2) stops some of 8 trials
     assert all(f["epochs"] < EPOCHS for f in pruned) and all(f["epochs"] == EPOCHS for f in complete)
     assert sorted(s.name for s in states.values()) == sorted(f["state"] for f in rep.trials)
     assert list(states.values()).count(optuna.trial.TrialState.PRUNED) == len(pruned)
