@@ -88,9 +88,10 @@ def ensure_shifted(root: str | Path | None = None, *, progress: bool = False) ->
 
 
 BASE_MODEL = "capt-base"
-# capt-base on Fashion-MNIST + digits: NOT yet measured (see benchmarks/README.md); chosen to see each
-# Fashion-MNIST training image about 3 times (batch 128, half of every batch from each data set)
-BASE_TRAINING = {"steps": 3000, "batch_size": 128, "warmup": 200}
+# capt-base on Fashion-MNIST + digits: 600 steps of 128 pairs (half from each data set), about 4 s a step
+# on one CPU thread (measured 2026-12-02, benchmarks/README.md); each Fashion-MNIST image seen about
+# two-thirds of a time. The number of steps is what 2 CPUs can afford in well under an hour.
+BASE_TRAINING = {"steps": 600, "batch_size": 128, "warmup": 60}
 
 
 def ensure_fashion(root: str | Path | None = None, *, progress: bool = True) -> Path:
