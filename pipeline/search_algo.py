@@ -21,6 +21,7 @@ from ray.tune.search import ConcurrencyLimiter
 from ray.tune.search.optuna import OptunaSearch
 
 from pipeline.config import ConfigError
+from pipeline.search_checks import ASHA_DEFAULTS
 from pipeline.search_sampler import make_sampler
 from pipeline.search_space import SearchSpec, optuna_space
 
@@ -111,6 +112,7 @@ def make_scheduler(spec: SearchSpec, epochs: int) -> Any:
     sched = spec.search.scheduler
     if sched["type"] == "none" or epochs < 1:
         return FIFOScheduler()
+    sched = {**ASHA_DEFAULTS, **sched}
     return ASHAScheduler(time_attr="epoch", metric="robust_acc", mode="max", max_t=max(epochs, 1),
-                         grace_period=min(int(sched.get("grace_period", 2)), epochs),
-                         reduction_factor=sched.get("reduction_factor", 2))
+                         grace_period=min(int(sched["grace_period"]), epochs),
+                         reduction_factor=sched["reduction_factor"])

@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 from pipeline.config import eval_eps, from_dict
+from pipeline.search_checks import ASHA_DEFAULTS
 from pipeline.search_space import ParamSpec, SearchSpec
 
 TOP = 10  # trials listed in the table
@@ -86,12 +87,12 @@ def _objective(spec: SearchSpec, cfg: Any) -> str:
     searched = "eval.eps" in spec.space or (cfg.eval.eps is None and "attack.eps" in spec.space)
     how = (f"{cfg.eval.attack.upper()}-{cfg.eval.steps} at each trial's own eval eps (searched: see `eval.eps` "
            "in the tables)") if searched and cfg.eval.attack != "none" else measured_by(cfg)
-    sched = spec.search.scheduler
+    sched = {**ASHA_DEFAULTS, **spec.search.scheduler}
     return (f"**Objective**: maximise {objectives} at the last of {cfg.optim.epochs} epochs; `robust_acc` is measured "
             f"on the test split by {how}. Training attack: {cfg.attack.name.upper()}-"
             f"{cfg.attack.steps} at eps {cfg.attack.eps:g}/255. Sampler: Optuna TPE (seed {spec.search.seed}), "
             f"{spec.search.num_samples} trials; scheduler: {sched.get('type', 'asha').upper()} (grace period "
-            f"{sched.get('grace_period', 1)}, reduction factor {sched.get('reduction_factor', 2)}). "
+            f"{sched['grace_period']}, reduction factor {sched['reduction_factor']}). "
             "All eps are in 1/255 of the pixel range (L-inf).")
 
 

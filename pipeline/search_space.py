@@ -24,6 +24,7 @@ import optuna
 
 from pipeline.config import Config, ConfigError, from_dict, parse_override, read_yaml, set_dotted
 from pipeline.search_checks import (
+    ASHA_DEFAULTS,
     check_param_against_config,
     check_points,
     check_search,
@@ -82,10 +83,7 @@ class SearchSettings:
     num_samples: int = 8
     max_concurrent: int = 2
     seed: int = 0
-    # grace 2: on the HPO benchmark's table the epoch-1 ranking barely predicts the last epoch's (Spearman
-    # 0.24; epoch 2: 0.65) and ASHA at grace 1 lost to random search (benchmarks/README.md, issue #13)
-    scheduler: dict[str, Any] = field(default_factory=lambda: {"type": "asha", "grace_period": 2,
-                                                                "reduction_factor": 2})
+    scheduler: dict[str, Any] = field(default_factory=lambda: dict(ASHA_DEFAULTS))  # search_checks.py
     sampler: dict[str, Any] = field(default_factory=lambda: dict(SAMPLER_DEFAULTS))  # search_sampler.py
     resources: dict[str, float] = field(default_factory=lambda: {"cpu": 1, "gpu": 0})
     storage_path: str | None = None  # Tune storage; None -> <out>/ray_results

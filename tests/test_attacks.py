@@ -135,6 +135,8 @@ def test_autoattack_on_a_subset_reports_the_others_on_the_same_images(trained_cl
     sub = final_metrics(model, x, y, attacks=["pgd10", "autoattack"], eps_list=[16.0], primary_eps=16.0,
                         autoattack_limit=10)
     assert sub["autoattack_n"] == 10 and "autoattack_n" not in full
+    whole = final_metrics(model, x[:2], y[:2], attacks=["autoattack"], eps_list=[16.0], primary_eps=16.0)
+    assert "autoattack_n" not in whole and "clean-aasub_acc" not in whole  # no limit: no subset figures
     assert sub["clean_acc"] == full["clean_acc"] and sub["pgd10_acc"] == full["pgd10_acc"]  # whole set
     head = final_metrics(model, x[:10], y[:10], attacks=["pgd10"], eps_list=[16.0], primary_eps=16.0)
     assert sub["clean-aasub_acc"] == head["clean_acc"] and sub["pgd10-aasub_acc"] == head["pgd10_acc"]

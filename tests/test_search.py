@@ -271,3 +271,8 @@ def test_search_note_and_trial_labels():
     assert "| zero-shot CLIP (no prompts) | 0.400 | 0.100 | 0.050 |" in note and "1 failed" in note
     assert trial_label("PRUNED", 1) == "pruned@epoch 1" and trial_label("FAIL", None) == "failed"
     assert "after epoch 1 of 2" in trial_note("PRUNED", {"epoch": 1, "robust_acc": 0.0}, 2)
+    assert "(grace period 1, reduction factor 2)" in note  # smoke.yaml's own
+    bare = load_search(SMOKE, ["search.scheduler={type: asha}"])  # left out: the scheduler's defaults, said as used
+    assert "(grace period 2, reduction factor 2)" in search_note(
+        bare, bare.base, experiment_id="7", parent_id="p", rows=rows, best=best, counts={}, registered=None,
+        for_experiment=True)
