@@ -12,7 +12,7 @@ import importlib
 import logging
 import sys
 
-from .config import ConfigError
+from .config import FINAL_ATTACKS, ConfigError
 
 # modules that add their own subcommands with register(subparsers)
 _PLUGINS = ("pipeline.search", "pipeline.tapt_cli", "pipeline.compare")
@@ -71,7 +71,7 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("eval", help="evaluate a trained run: clean, PGD, CW, AutoAttack, base-to-new, cross")
     s.add_argument("--run", required=True)
     s.add_argument("--data", required=True)
-    s.add_argument("--attack", nargs="+", choices=["pgd10", "pgd100", "cw100", "autoattack"])
+    s.add_argument("--attack", nargs="+", choices=FINAL_ATTACKS)
     s.add_argument("--eps", nargs="+", type=float, help="in 1/255 units")
     s.add_argument("--base-to-new", action="store_true")
     s.add_argument("--cross", nargs="+", help="other shards folders, evaluated zero-shot")

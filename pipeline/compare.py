@@ -22,9 +22,10 @@ from pathlib import Path
 from typing import Any
 
 from pipeline import tracking
+from pipeline.compare_checks import check_cells, checks_markdown
 from pipeline.compare_plan import PROTOCOLS, load_compare  # noqa: F401  (re-exported: the plan's API)
 from pipeline.compare_stats import paired_comparisons, paired_markdown
-from pipeline.compare_table import COLUMNS, aggregate, cross_average, honesty_problems, to_csv, to_markdown
+from pipeline.compare_table import aggregate, columns, cross_average, honesty_problems, to_csv, to_markdown
 from pipeline.compare_tuning import apply_tuned, run_tuning, tuning_notes
 from pipeline.config import from_dict
 from pipeline.runs import write_summary
@@ -52,21 +53,26 @@ def run_compare(plan: dict[str, Any]) -> dict[str, Any]:
     t0 = time.perf_counter()
     chosen = run_tuning(plan["tuning"], out) if plan.get("tuning") else {}
     cells = run_cells(prepare_data(apply_tuned(plan["cells"], chosen), out / "data_subsets"), ctx, s)
+    attack = table_attack(plan)
     if plan.get("tapt"):
-        cells += run_cells(_tapt_cells(plan, cells), ctx, s)
+        cells += run_cells(_tapt_cells(plan, cells, f"{attack}_acc"), ctx, s)
+    checks = run_cells(check_cells(plan.get("checks") or {}, cells, s.get("reference", "capt"), f"{attack}_acc"),
+                       ctx, s)
     methods = plan["methods"] + sorted({c["method"] for c in cells if c["method"] not in plan["methods"]})
-    rows = aggregate(cells, methods)
-    problems = honesty_problems(cells)
+    rows = aggregate(cells, methods, columns(attack))
+    problems = honesty_problems(cells + checks)
     link = f"{uri}#/experiments/{exp_id}/runs/{{run_id}}" if uri.startswith("http") else None
-    paired = _paired(plan, cells, methods)
-    notes = [SPREAD_NOTE + "\n", tuning_notes(chosen), paired_markdown(paired) if paired else ""]
+    paired = _paired(plan, cells, methods, attack)
+    notes = [SPREAD_NOTE + "\n", tuning_notes(chosen), paired_markdown(paired) if paired else "",
+             checks_markdown(checks)]
     (out / "table.md").write_text(to_markdown(rows, run_link=link, spread="ci95") + "\n"
                                   + "\n".join(n for n in notes if n))
     (out / "table.csv").write_text(to_csv(rows))
     for name in ("table.md", "table.csv"):
         tracking.log_artifact(uri, parent_id, out / name)
     tracking.finish_run(uri, parent_id)
-    summary = {"cells": [{k: c[k] for k in ("method", "protocol", "seed", "metrics", "run_id")} for c in cells],
+    keep = ("method", "protocol", "seed", "metrics", "run_id")
+    summary = {"cells": [{k: c[k] for k in keep} for c in cells], "checks": [{k: c[k] for k in keep} for c in checks],
                "honesty_problems": problems, "paired_comparisons": paired, "tuning": chosen,
                "wall_seconds": time.perf_counter() - t0,
                "mlflow_ui": tracking.ui_command(uri), "table": str(out / "table.md")}
@@ -95,23 +101,28 @@ def prepare_data(cells: list[dict[str, Any]], cache: Path) -> list[dict[str, Any
     return out
 
 
-def _paired(plan: dict[str, Any], cells: list[dict[str, Any]], methods: list[str]) -> list[dict[str, Any]]:
+def table_attack(plan: dict[str, Any]) -> str:
+    """The table's robust figure (``compare.table_attack``, default pgd100): one of ``eval.final_attacks``."""
+    return str(plan["settings"].get("table_attack", "pgd100"))
+
+
+def _paired(plan: dict[str, Any], cells: list[dict[str, Any]], methods: list[str], attack: str) -> list[dict[str, Any]]:
     """CAPT (``compare.reference``) against every other method, seed by seed, on the accuracy columns."""
     reference = plan["settings"].get("reference", "capt")
     if reference not in methods:
         return []
-    columns = [c for c in COLUMNS if c[2] != "train s"]
-    return paired_comparisons(cells, reference, methods, columns, prepare=cross_average)
+    cols = [c for c in columns(attack) if c[2] != "train s"]
+    return paired_comparisons(cells, reference, methods, cols, prepare=cross_average)
 
 
-def _tapt_cells(plan: dict[str, Any], cells: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """TAPT on the few-shot prompts of the training-time method with the best mean PGD-100 accuracy."""
+def _tapt_cells(plan: dict[str, Any], cells: list[dict[str, Any]], robust_key: str = "pgd100_acc") -> list[dict[str, Any]]:
+    """TAPT on the few-shot prompts of the training-time method with the best mean robust table figure."""
     wanted = plan["tapt"].get("method", "best")
     trained = [c for c in cells if c["protocol"] == "few_shot" and c["method"] != "zeroshot"]
     if wanted == "best":
         scores: dict[str, list[float]] = {}
         for c in trained:
-            scores.setdefault(c["method"], []).append(c["metrics"].get("pgd100_acc") or 0.0)
+            scores.setdefault(c["method"], []).append(c["metrics"].get(robust_key) or 0.0)
         wanted = max(scores, key=lambda k: sum(scores[k]) / len(scores[k]))
     variants = plan.get("tapt_variants") or {"": {k: v for k, v in plan["tapt"].items() if k != "method"}}
     return [{**c, "method": f"{wanted}+tapt{suffix}", "key": f"{wanted}+tapt{suffix}-few_shot-s{c['seed']}",

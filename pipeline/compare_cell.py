@@ -32,6 +32,10 @@ def cell_main(config: dict[str, Any]) -> None:
         work = Path(ctx["out"]) / "cells" / cell["key"]
         if cell.get("tapt_of"):
             metrics = _tapt_cell(cfg, cell, ctx, work, device)
+        elif cell.get("check_of"):
+            from pipeline.compare_checks import run_check
+
+            metrics = run_check(cell, Path(ctx["out"]) / "cells" / cell["check_of"], device)
         else:
             metrics = _train_cell(cfg, run, work, device, lambda m: tune.report(m))
         tracking.log_metrics(ctx["uri"], run.run_id, metrics)
@@ -80,12 +84,13 @@ def _tapt_cell(cfg, cell, ctx, work: Path, device) -> dict[str, float]:
     tcfg, ev_kw, adv_images = tapt_options(cell["tapt_opts"])
     ev = TaptEvalConfig(eps=base_cfg.attack.eps, seed=cell["seed"], **ev_kw)
     task = load_task(base_cfg.data, model.image_size)
+    n = cell["tapt_opts"].get("limit") or len(task.test_y)  # TAPT costs ~100x a forward pass per image
     layers = resolve_layers(tcfg.layers, model.n_vision_layers)
     attack = build_attack("pgd", eps=base_cfg.attack.eps_px, steps=10, module=model, keep_best=False)
     stats = compute_stats(model, task.train_x, task.train_y, layers, attack=attack, device=device,
                           adv_images=adv_images)
     t0 = time.perf_counter()
-    m = evaluate_tapt(model, task.test_x, task.test_y, stats, tcfg, ev, device=device)
-    return {"clean_acc": m["tapt_clean_acc"], "pgd100_acc": m["tapt_robust_acc"],
+    m = evaluate_tapt(model, task.test_x[:n], task.test_y[:n], stats, tcfg, ev, device=device)
+    return {"clean_acc": m["tapt_clean_acc"], f"pgd{ev.attack_steps}_acc": m["tapt_robust_acc"],
             "adaptive_robust_acc": m.get("adaptive_robust_acc"), "base_clean_acc_no_tapt": m["clean_acc"],
-            "base_robust_acc_no_tapt": m["robust_acc"], "tapt_seconds": time.perf_counter() - t0}
+            "base_robust_acc_no_tapt": m["robust_acc"], "tapt_images": float(n), "tapt_seconds": time.perf_counter() - t0}

@@ -13,11 +13,12 @@ import copy
 from pathlib import Path
 from typing import Any
 
+from pipeline.compare_checks import check_specs
 from pipeline.compare_tuning import tuning_docs
 from pipeline.config import ConfigError, from_dict, read_yaml, set_dotted
 
 PROTOCOLS = {"few_shot": {}, "base_to_new": {"data": {"classes": "base"}}}
-_TOP = {"base", "methods", "seeds", "protocols", "tapt", "compare", "tracking", "tuning"}
+_TOP = {"base", "methods", "seeds", "protocols", "tapt", "compare", "tracking", "tuning", "checks"}
 
 
 def load_compare(path: str | Path, overrides: list[str]) -> dict[str, Any]:
@@ -51,14 +52,16 @@ def load_compare(path: str | Path, overrides: list[str]) -> dict[str, Any]:
     settings = {"name": "compare", "out": "runs/compare", "resources": {"cpu": 1, "gpu": 0}, "max_concurrent": 2,
                 **(doc.get("compare") or {})}
     settings["out"] = str(Path(settings["out"]).resolve())
+    _check_table_attack(settings, cells, doc.get("tapt"))
     plan = {"cells": cells, "methods": list(methods), "settings": settings, "tapt": doc.get("tapt"),
             "tracking": doc.get("tracking") or {}, "source": str(Path(path).resolve()), "doc": doc}
     plan["tuning"] = tuning_docs(plan)  # validated now, before anything runs
     plan["tapt_variants"] = tapt_variants(doc.get("tapt"))
+    plan["checks"] = check_specs(doc.get("checks"), plan)
     return plan
 
 
-_TAPT_EVAL = ("attack_steps", "adaptive_steps")
+_TAPT_EVAL = ("attack_steps", "adaptive_steps", "limit")  # evaluation options, not TaptConfig fields
 
 
 def tapt_variants(tapt: dict[str, Any] | None) -> dict[str, dict[str, Any]]:
@@ -94,7 +97,26 @@ def tapt_options(opts: dict[str, Any]) -> tuple[Any, dict[str, int], str]:
     if "layers" in rest and rest["layers"] is not None:
         rest["layers"] = tuple(rest["layers"])
     ev = {"attack_steps": int(opts.get("attack_steps", 100)), "adaptive_steps": int(opts.get("adaptive_steps", 10))}
+    limit = opts.get("limit")
+    if limit is not None and (not isinstance(limit, int) or limit < 1):
+        raise ConfigError(f"limit: expected a number of test images >= 1, got {limit!r}")
     return TaptConfig(**rest), ev, adv_images
+
+
+def _check_table_attack(settings: dict[str, Any], cells: list[dict[str, Any]], tapt: dict[str, Any] | None) -> None:
+    """``compare.table_attack`` (the table's robust figure) must be run by every cell, and by TAPT's transfer attack."""
+    from pipeline.config import FINAL_ATTACKS
+
+    attack = settings.setdefault("table_attack", "pgd100")
+    if attack not in FINAL_ATTACKS or attack == "autoattack":
+        raise ConfigError(f"compare.table_attack: {attack!r} is not one of {[a for a in FINAL_ATTACKS if a != 'autoattack']}")
+    missing = [c["key"] for c in cells if attack not in c["config"]["eval"]["final_attacks"]]
+    if missing:
+        raise ConfigError(f"compare.table_attack: {attack} is not in eval.final_attacks of cell {missing[0]}")
+    steps = int((tapt or {}).get("attack_steps", 100))
+    if tapt and attack != f"pgd{steps}":
+        raise ConfigError(f"tapt.attack_steps: {steps} does not match compare.table_attack {attack} "
+                          f"(TAPT's transfer attack fills the table's robust column; set attack_steps to match)")
 
 
 def _protocols(value: Any) -> dict[str, dict[str, Any]]:

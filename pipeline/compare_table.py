@@ -16,24 +16,40 @@ import re
 from collections.abc import Sequence
 from typing import Any
 
-_EPS_KEY = re.compile(r"^((?:base_|new_|xd_.+_)?)(pgd10|pgd100|cw100|autoattack)_acc(?:_eps([0-9.]+))?$")
-# (protocol, metric key in the cell's metrics, column title); percent unless noted
-COLUMNS: list[tuple[str, str, str]] = [
+_EPS_KEY = re.compile(r"^((?:base_|new_|xd_.+_)?)(pgd[0-9]+|cw100|autoattack)_acc(?:_eps([0-9.]+))?$")
+# (protocol, metric key in the cell's metrics, column title); percent unless noted. "{a}" is the table's
+# robust attack (``compare.table_attack``, e.g. pgd100 -> column "PGD-100"), see :func:`columns`
+_COLUMN_TEMPLATE: list[tuple[str, str, str]] = [
     ("few_shot", "clean_acc", "clean"),
-    ("few_shot", "pgd100_acc", "PGD-100"),
+    ("few_shot", "{a}_acc", "{A}"),
     ("few_shot", "autoattack_acc", "AutoAttack"),
-    ("few_shot", "pgd100-aasub_acc", "PGD-100 on AA images"),  # when AutoAttack ran on a subset
+    ("few_shot", "{a}-aasub_acc", "{A} on AA images"),  # when AutoAttack ran on a subset
     ("few_shot", "adaptive_robust_acc", "adaptive (TAPT)"),  # TAPT rows: PGD through the defence
     ("base_to_new", "base_clean_acc", "base clean"),
-    ("base_to_new", "base_pgd100_acc", "base PGD-100"),
+    ("base_to_new", "base_{a}_acc", "base {A}"),
     ("base_to_new", "new_clean_acc", "new clean"),
-    ("base_to_new", "new_pgd100_acc", "new PGD-100"),
+    ("base_to_new", "new_{a}_acc", "new {A}"),
     ("base_to_new", "hm_clean_acc", "HM clean"),
-    ("base_to_new", "hm_pgd100_acc", "HM PGD-100"),
+    ("base_to_new", "hm_{a}_acc", "HM {A}"),
     ("few_shot", "xd_clean_acc", "cross clean"),
-    ("few_shot", "xd_pgd100_acc", "cross PGD-100"),
+    ("few_shot", "xd_{a}_acc", "cross {A}"),
     ("few_shot", "train_seconds", "train s"),
 ]
+
+
+def attack_title(attack: str) -> str:
+    """``pgd100`` -> ``PGD-100``, ``cw100`` -> ``CW-100``, ``autoattack`` -> ``AutoAttack``."""
+    match = re.fullmatch(r"([a-z]+)([0-9]+)", attack)
+    return f"{match.group(1).upper()}-{match.group(2)}" if match else {"autoattack": "AutoAttack"}.get(attack, attack)
+
+
+def columns(attack: str = "pgd100") -> list[tuple[str, str, str]]:
+    """The table's columns with ``attack`` (a final-evaluation attack name) as the robust figure."""
+    title = attack_title(attack)
+    return [(p, k.format(a=attack), t.format(A=title)) for p, k, t in _COLUMN_TEMPLATE]
+
+
+COLUMNS = columns()
 
 
 def cross_average(metrics: dict[str, float]) -> dict[str, float]:
@@ -62,12 +78,13 @@ def mean_std(values: Sequence[float]) -> tuple[float, float]:
     return m, math.sqrt(sum((v - m) ** 2 for v in vals) / (len(vals) - 1))
 
 
-def aggregate(cells: Sequence[dict[str, Any]], methods: Sequence[str]) -> list[dict[str, Any]]:
+def aggregate(cells: Sequence[dict[str, Any]], methods: Sequence[str],
+              cols: Sequence[tuple[str, str, str]] = COLUMNS) -> list[dict[str, Any]]:
     """One row per method: for each column, (mean, std, n) over seeds; plus the cells' run ids."""
     rows = []
     for method in methods:
-        row: dict[str, Any] = {"method": method, "runs": {}}
-        for protocol, key, title in COLUMNS:
+        row: dict[str, Any] = {"method": method, "runs": {}, "columns": [t for _, _, t in cols]}
+        for protocol, key, title in cols:
             vals = [cross_average(c["metrics"]).get(key) for c in cells
                     if c["method"] == method and c["protocol"] == protocol]
             vals = [v for v in vals if v is not None]
@@ -107,7 +124,7 @@ def to_markdown(rows: Sequence[dict[str, Any]], *, run_link: str | None = None, 
     """
     if spread not in ("std", "ci95"):
         raise ValueError(f"spread must be std or ci95, got {spread!r}")
-    titles = [t for _, _, t in COLUMNS if any(r[t][2] for r in rows)]
+    titles = [t for t in _titles(rows) if any(r[t][2] for r in rows)]
     lines = ["| method | " + " | ".join(titles) + " | runs |", "|---" * (len(titles) + 2) + "|"]
     for r in rows:
         links = []
@@ -121,11 +138,15 @@ def to_markdown(rows: Sequence[dict[str, Any]], *, run_link: str | None = None, 
     return "\n".join(lines) + "\n"
 
 
+def _titles(rows: Sequence[dict[str, Any]]) -> list[str]:
+    return list(rows[0]["columns"]) if rows else [t for _, _, t in COLUMNS]
+
+
 def to_csv(rows: Sequence[dict[str, Any]]) -> str:
     """CSV with mean, std and n columns per metric, and the run ids."""
     buf = io.StringIO()
     w = csv.writer(buf)
-    titles = [t for _, _, t in COLUMNS]
+    titles = _titles(rows)
     w.writerow(["method"] + [f"{t} {s}" for t in titles for s in ("mean", "std", "n", "ci95")] + ["run_ids"])
     for r in rows:
         vals = []
@@ -167,22 +188,35 @@ def eps_problems(cell: dict[str, Any], tag: str) -> list[str]:
     return out
 
 
+_ROBUST_KEY = re.compile(r"^(pgd[0-9]+|cw100)_acc$")
+
+
 def honesty_problems(cells: Sequence[dict[str, Any]]) -> list[str]:
-    """Cells breaking the honesty rules: robust > clean, AutoAttack > PGD-100 (same model, same eps,
-    same images: when AutoAttack ran on a subset, against PGD-100 on that subset), accuracy rising
-    with eps (:func:`eps_problems`)."""
+    """Cells breaking the honesty rules: robust > clean, AutoAttack > PGD (same model, same eps, same
+    images: when AutoAttack ran on a subset, against PGD on that subset), accuracy rising with eps
+    (:func:`eps_problems`)."""
     problems = []
     for c in cells:
         m, tag = c["metrics"], f"{c['method']}/{c['protocol']}/seed{c['seed']}"
         problems += eps_problems(c, tag)
         for prefix in ("", "base_", "new_"):
-            pairs = [("clean", "PGD-100", m.get(f"{prefix}clean_acc"), m.get(f"{prefix}pgd100_acc"), "")]
-            sub = "on the AutoAttack subset" if m.get(f"{prefix}pgd100-aasub_acc") is not None else ""
-            pgd_aa = m.get(f"{prefix}pgd100-aasub_acc") if sub else m.get(f"{prefix}pgd100_acc")
-            pairs.append(("PGD-100", "AutoAttack", pgd_aa, m.get(f"{prefix}autoattack_acc"), sub))
-            if sub:
-                pairs.append(("clean", "PGD-100", m.get(f"{prefix}clean-aasub_acc"), pgd_aa, sub))
-            for weak_name, strong_name, weak, strong, where in pairs:
+            for weak_name, strong_name, weak, strong, where in _pairs(m, prefix):
                 if weak is not None and strong is not None and strong > weak + 1e-9:
                     problems.append(f"{tag}: {prefix}{strong_name} {strong:.3f} > {weak_name} {weak:.3f} {where}".rstrip())
     return problems
+
+
+def _pairs(m: dict[str, Any], prefix: str) -> list[tuple[str, str, Any, Any, str]]:
+    """(weaker name, stronger name, weaker value, stronger value, where) that must not rise."""
+    attacks = sorted({k.removeprefix(prefix).removesuffix("_acc") for k in m
+                      if k.startswith(prefix) and _ROBUST_KEY.match(k.removeprefix(prefix))})
+    pairs = []
+    for name in attacks:
+        title = attack_title(name)
+        pairs.append(("clean", title, m.get(f"{prefix}clean_acc"), m.get(f"{prefix}{name}_acc"), ""))
+        sub = "on the AutoAttack subset" if m.get(f"{prefix}{name}-aasub_acc") is not None else ""
+        robust = m.get(f"{prefix}{name}-aasub_acc") if sub else m.get(f"{prefix}{name}_acc")
+        pairs.append((title, "AutoAttack", robust, m.get(f"{prefix}autoattack_acc"), sub))
+        if sub:
+            pairs.append(("clean", title, m.get(f"{prefix}clean-aasub_acc"), robust, sub))
+    return pairs

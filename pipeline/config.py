@@ -195,7 +195,8 @@ _CHOICES: dict[str, tuple[str, ...]] = {
     "data.stream": ("auto", "always", "never"),
     "eval.attack": ("pgd", "cw", "none"),
 }
-_FINAL_ATTACKS = ("pgd10", "pgd100", "cw100", "autoattack")
+# the final-evaluation attacks by name (pipeline/evaluate.py maps each to an attack and its step count)
+FINAL_ATTACKS = ("pgd10", "pgd20", "pgd100", "cw100", "autoattack")
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
@@ -258,8 +259,8 @@ def validate(cfg: Config) -> None:
         if flat[key] not in choices:
             raise ConfigError(f"{key}: {flat[key]!r} is not one of {list(choices)}")
     for name in cfg.eval.final_attacks:
-        if name not in _FINAL_ATTACKS:
-            raise ConfigError(f"eval.final_attacks: unknown attack {name!r}; choose from {list(_FINAL_ATTACKS)}")
+        if name not in FINAL_ATTACKS:
+            raise ConfigError(f"eval.final_attacks: unknown attack {name!r}; choose from {list(FINAL_ATTACKS)}")
     a = cfg.attack
     if not 0 <= a.eps <= 255:
         raise ConfigError(f"attack.eps: {a.eps} out of range [0, 255] (units of 1/255)")

@@ -19,7 +19,8 @@ from .data.pixels import as_pixels
 from .prompts import FixedTextClassifier, PromptedCLIP
 
 # name -> (attack, steps)
-FINAL_ATTACKS = {"pgd10": ("pgd", 10), "pgd100": ("pgd", 100), "cw100": ("cw", 100), "autoattack": ("autoattack", 0)}
+FINAL_ATTACKS = {"pgd10": ("pgd", 10), "pgd20": ("pgd", 20), "pgd100": ("pgd", 100), "cw100": ("cw", 100),
+                 "autoattack": ("autoattack", 0)}
 
 
 def correct(model: PromptedCLIP, x: torch.Tensor, y: torch.Tensor, *, attack: Attack | None = None,

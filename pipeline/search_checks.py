@@ -7,7 +7,7 @@ from __future__ import annotations
 import math
 from typing import TYPE_CHECKING, Any
 
-from pipeline.config import Config, ConfigError
+from pipeline.config import FINAL_ATTACKS, Config, ConfigError
 
 if TYPE_CHECKING:
     from pipeline.search_space import ParamSpec, SearchSettings
@@ -18,7 +18,6 @@ SCHEDULERS = ("asha", "none")
 # ranking barely predicts the last epoch's (Spearman 0.24; epoch 2: 0.65) and ASHA at grace 1 lost to
 # random search (benchmarks/README.md, issue #13)
 ASHA_DEFAULTS = {"type": "asha", "grace_period": 2, "reduction_factor": 2}
-FINAL_ATTACKS = ("pgd10", "pgd100", "cw100", "autoattack")
 
 
 def check_search(s: SearchSettings) -> None:

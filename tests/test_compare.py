@@ -109,8 +109,9 @@ base:
 methods: {{zeroshot: {{}}, capt: {{prompt: {{depth: 2}}}}}}
 seeds: [0]
 protocols: [few_shot, base_to_new]
-tapt: {{method: best, views: 4, tau: 0.5, layers: [0, 1], attack_steps: 3, adaptive_steps: 1}}
-compare: {{name: mini, resources: {{cpu: 1, gpu: 0}}, max_concurrent: 2}}
+tapt: {{method: best, views: 4, tau: 0.5, layers: [0, 1], attack_steps: 10, adaptive_steps: 1, limit: 6}}
+checks: {{steps: {{methods: [capt, best], attacks: [pgd10, pgd20], eps: [4.0, 8.0], limit: 5}}}}
+compare: {{name: mini, table_attack: pgd10, resources: {{cpu: 1, gpu: 0}}, max_concurrent: 2}}
 """)
     out = tmp_path / "out"
     assert main(["compare", "--config", str(f), "--out", str(out)]) == 0
@@ -123,8 +124,16 @@ compare: {{name: mini, resources: {{cpu: 1, gpu: 0}}, max_concurrent: 2}}
     assert few["pgd10_acc"] <= few["clean_acc"] and "xd_digits_clean_acc" in few and few["train_seconds"] > 0
     b2n = next(c for c in cells if c["method"] == "capt" and c["protocol"] == "base_to_new")["metrics"]
     assert {"base_clean_acc", "new_clean_acc", "hm_clean_acc"} <= set(b2n)
+    tapt = next(c for c in cells if c["method"] == "capt+tapt")["metrics"]
+    assert tapt["tapt_images"] == 6 and "pgd10_acc" in tapt  # TAPT's transfer attack fills the table's column
+    checks = {c["method"]: c["metrics"] for c in summary["checks"]}
+    assert set(checks) == {"capt", "zeroshot"}  # `best`: the only peer of the reference
+    for m in checks.values():
+        assert m["check_images"] == 5 and {"pgd10_acc", "pgd20_acc", "pgd10_acc_eps4", "pgd20_acc_eps4"} <= set(m)
+    assert checks["capt"]["clean_acc"] == pytest.approx(round(5 * checks["capt"]["clean_acc"]) / 5)  # on 5 images
     table = (out / "table.md").read_text()
-    assert "| capt+tapt |" in table and "| zeroshot |" in table
+    assert "| capt+tapt |" in table and "| zeroshot |" in table and "PGD-10" in table and "PGD-100" not in table
+    assert "steps (seed 0, 5 test images)" in table
     client = MlflowClient(tracking_uri=f"sqlite:///{out / 'mlflow.db'}")
     exp = client.get_experiment_by_name("mini")
     runs = client.search_runs([exp.experiment_id])
