@@ -57,13 +57,13 @@ def test_honesty_on_the_autoattack_subset():
 def test_protocol_overrides(tmp_path):
     f = tmp_path / "c.yaml"
     f.write_text("base: {eval: {final_attacks: [pgd100, autoattack]}}\n"
-                 "methods: {zeroshot: {}, capt: {eval: {final_attacks: [pgd10]}}}\n"
+                 "methods: {zeroshot: {}, capt: {eval: {final_attacks: [pgd10, pgd100]}}}\n"
                  "protocols: {few_shot: {}, base_to_new: {eval: {final_attacks: [pgd100]}}}\n")
     cells = {(c["method"], c["protocol"]): c["config"] for c in load_compare(f, [])["cells"]}
     assert cells["zeroshot", "few_shot"]["eval"]["final_attacks"] == ["pgd100", "autoattack"]
     assert cells["zeroshot", "base_to_new"]["eval"]["final_attacks"] == ["pgd100"]
     assert cells["zeroshot", "base_to_new"]["data"]["classes"] == "base"
-    assert cells["capt", "base_to_new"]["eval"]["final_attacks"] == ["pgd10"]  # the method's own override wins
+    assert cells["capt", "base_to_new"]["eval"]["final_attacks"] == ["pgd10", "pgd100"]  # the method's override wins
     f.write_text("methods: {capt: {}}\nprotocols: {base_to_new: [1]}\n")
     with pytest.raises(ConfigError, match="protocols.base_to_new"):
         load_compare(f, [])
@@ -138,7 +138,7 @@ compare: {{name: mini, table_attack: pgd10, resources: {{cpu: 1, gpu: 0}}, max_c
     exp = client.get_experiment_by_name("mini")
     runs = client.search_runs([exp.experiment_id])
     children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
-    assert len(children) == 5 and all(r.info.status == "FINISHED" for r in children)
-    ids = {c["run_id"] for c in cells}
-    assert ids == {r.info.run_id for r in children}  # every cell links to its MLflow run
+    assert len(children) == 5 + 2 and all(r.info.status == "FINISHED" for r in children)  # 5 cells, 2 checks
+    ids = {c["run_id"] for c in cells + summary["checks"]}
+    assert ids == {r.info.run_id for r in children}  # every cell and check links to its MLflow run
     assert "table:" in capsys.readouterr().out
