@@ -36,7 +36,7 @@ SPREAD_NOTE = ("Cells: mean ± half-width of the 95% Student-t interval of the m
 
 
 def run_compare(plan: dict[str, Any]) -> dict[str, Any]:
-    """Run every cell on Ray, then the TAPT stage; write the table; return the summary."""
+    """Run the tuning, every cell on Ray, the TAPT stage and the checks; write the table; return the summary."""
     from pipeline.compare_ray import run_cells
 
     s = plan["settings"]
@@ -58,16 +58,9 @@ def run_compare(plan: dict[str, Any]) -> dict[str, Any]:
         cells += run_cells(_tapt_cells(plan, cells, f"{attack}_acc"), ctx, s)
     checks = run_cells(check_cells(plan.get("checks") or {}, cells, s.get("reference", "capt"), f"{attack}_acc"),
                        ctx, s)
-    methods = plan["methods"] + sorted({c["method"] for c in cells if c["method"] not in plan["methods"]})
-    rows = aggregate(cells, methods, columns(attack))
-    problems = honesty_problems(cells + checks)
     link = f"{uri}#/experiments/{exp_id}/runs/{{run_id}}" if uri.startswith("http") else None
-    paired = _paired(plan, cells, methods, attack)
-    notes = [SPREAD_NOTE + "\n", tuning_notes(chosen), paired_markdown(paired) if paired else "",
-             checks_markdown(checks)]
-    (out / "table.md").write_text(to_markdown(rows, run_link=link, spread="ci95") + "\n"
-                                  + "\n".join(n for n in notes if n))
-    (out / "table.csv").write_text(to_csv(rows))
+    problems = honesty_problems(cells + checks)
+    paired = write_table(plan, cells, checks, chosen, out, link, problems)
     for name in ("table.md", "table.csv"):
         tracking.log_artifact(uri, parent_id, out / name)
     tracking.finish_run(uri, parent_id)
@@ -79,6 +72,25 @@ def run_compare(plan: dict[str, Any]) -> dict[str, Any]:
     write_summary(out, command="compare", config={"source": plan["source"], **plan["doc"]}, metrics={},
                   **summary)
     return summary
+
+
+def write_table(plan: dict[str, Any], cells: list[dict[str, Any]], checks: list[dict[str, Any]],
+                chosen: dict[str, Any], out: Path, link: str | None, problems: list[str]) -> list[dict[str, Any]]:
+    """``table.md`` (table, spread note, tuning, paired comparisons, checks, honesty rules) and
+    ``table.csv``; returns the paired comparisons."""
+    attack = table_attack(plan)
+    methods = plan["methods"] + sorted({c["method"] for c in cells if c["method"] not in plan["methods"]})
+    rows = aggregate(cells, methods, columns(attack))
+    paired = _paired(plan, cells, methods, attack)
+    honesty = (f"Honesty rules (robust <= clean, AutoAttack <= PGD on the same images, accuracy not rising "
+               f"with eps) over {len(cells)} cells and {len(checks)} checks: "
+               + ("no violation.\n" if not problems else "BROKEN:\n" + "".join(f"- {p}\n" for p in problems)))
+    notes = [SPREAD_NOTE + "\n", tuning_notes(chosen), paired_markdown(paired) if paired else "",
+             checks_markdown(checks), honesty]
+    (out / "table.md").write_text(to_markdown(rows, run_link=link, spread="ci95") + "\n"
+                                  + "\n".join(n for n in notes if n))
+    (out / "table.csv").write_text(to_csv(rows))
+    return paired
 
 
 def prepare_data(cells: list[dict[str, Any]], cache: Path) -> list[dict[str, Any]]:

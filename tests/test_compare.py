@@ -133,7 +133,7 @@ compare: {{name: mini, table_attack: pgd10, resources: {{cpu: 1, gpu: 0}}, max_c
     assert checks["capt"]["clean_acc"] == pytest.approx(round(5 * checks["capt"]["clean_acc"]) / 5)  # on 5 images
     table = (out / "table.md").read_text()
     assert "| capt+tapt |" in table and "| zeroshot |" in table and "PGD-10" in table and "PGD-100" not in table
-    assert "steps (seed 0, 5 test images)" in table
+    assert "steps (seed 0, 5 test images)" in table and "over 5 cells and 2 checks" in table
     client = MlflowClient(tracking_uri=f"sqlite:///{out / 'mlflow.db'}")
     exp = client.get_experiment_by_name("mini")
     runs = client.search_runs([exp.experiment_id])
