@@ -26,6 +26,14 @@ from pipeline.compare_checks import check_cells, checks_markdown
 from pipeline.compare_plan import PROTOCOLS, load_compare  # noqa: F401  (re-exported: the plan's API)
 from pipeline.compare_stats import paired_comparisons, paired_markdown
 from pipeline.compare_table import aggregate, columns, cross_average, honesty_problems, to_csv, to_markdown
+from pipeline.compare_tapt import (
+    pick,
+    search_cells,
+    search_markdown,
+    searched_variant,
+    tapt_cells,
+    write_search,
+)
 from pipeline.compare_tuning import apply_tuned, run_tuning, tuning_notes
 from pipeline.config import from_dict
 from pipeline.runs import write_summary
@@ -54,19 +62,22 @@ def run_compare(plan: dict[str, Any]) -> dict[str, Any]:
     chosen = run_tuning(plan["tuning"], out) if plan.get("tuning") else {}
     cells = run_cells(prepare_data(apply_tuned(plan["cells"], chosen), out / "data_subsets"), ctx, s)
     attack = table_attack(plan)
+    searched = None
     if plan.get("tapt"):
-        cells += run_cells(_tapt_cells(plan, cells, f"{attack}_acc"), ctx, s)
+        searched = _tapt_search(plan, cells, f"{attack}_acc", ctx, out)
+        extra = searched_variant(plan, searched) if searched else None
+        cells += run_cells(tapt_cells(plan, cells, f"{attack}_acc", extra), ctx, s)
     checks = run_cells(check_cells(plan.get("checks") or {}, cells, s.get("reference", "capt"), f"{attack}_acc"),
                        ctx, s)
     link = f"{uri}#/experiments/{exp_id}/runs/{{run_id}}" if uri.startswith("http") else None
     problems = honesty_problems(cells + checks)
-    paired = write_table(plan, cells, checks, chosen, out, link, problems)
+    paired = write_table(plan, cells, checks, {"training": chosen, "tapt": searched}, out, link, problems)
     for name in ("table.md", "table.csv"):
         tracking.log_artifact(uri, parent_id, out / name)
     tracking.finish_run(uri, parent_id)
     keep = ("method", "protocol", "seed", "metrics", "run_id")
     summary = {"cells": [{k: c[k] for k in keep} for c in cells], "checks": [{k: c[k] for k in keep} for c in checks],
-               "honesty_problems": problems, "paired_comparisons": paired, "tuning": chosen,
+               "honesty_problems": problems, "paired_comparisons": paired, "tuning": chosen, "tapt_search": searched,
                "wall_seconds": time.perf_counter() - t0,
                "mlflow_ui": tracking.ui_command(uri), "table": str(out / "table.md")}
     write_summary(out, command="compare", config={"source": plan["source"], **plan["doc"]}, metrics={},
@@ -77,7 +88,8 @@ def run_compare(plan: dict[str, Any]) -> dict[str, Any]:
 def write_table(plan: dict[str, Any], cells: list[dict[str, Any]], checks: list[dict[str, Any]],
                 chosen: dict[str, Any], out: Path, link: str | None, problems: list[str]) -> list[dict[str, Any]]:
     """``table.md`` (table, spread note, tuning, paired comparisons, checks, honesty rules) and
-    ``table.csv``; returns the paired comparisons."""
+    ``table.csv``; ``chosen``: {"training": the tuning's picks, "tapt": the TAPT search's pick or None}.
+    Returns the paired comparisons."""
     attack = table_attack(plan)
     methods = plan["methods"] + sorted({c["method"] for c in cells if c["method"] not in plan["methods"]})
     rows = aggregate(cells, methods, columns(attack))
@@ -85,7 +97,8 @@ def write_table(plan: dict[str, Any], cells: list[dict[str, Any]], checks: list[
     honesty = (f"Honesty rules (robust <= clean, AutoAttack <= PGD on the same images, accuracy not rising "
                f"with eps) over {len(cells)} cells and {len(checks)} checks: "
                + ("no violation.\n" if not problems else "BROKEN:\n" + "".join(f"- {p}\n" for p in problems)))
-    notes = [SPREAD_NOTE + "\n", tuning_notes(chosen), paired_markdown(paired) if paired else "",
+    notes = [SPREAD_NOTE + "\n", tuning_notes(chosen["training"]), search_markdown(chosen.get("tapt")),
+             paired_markdown(paired) if paired else "",
              checks_markdown(checks), honesty]
     (out / "table.md").write_text(to_markdown(rows, run_link=link, spread="ci95") + "\n"
                                   + "\n".join(n for n in notes if n))
@@ -127,19 +140,18 @@ def _paired(plan: dict[str, Any], cells: list[dict[str, Any]], methods: list[str
     return paired_comparisons(cells, reference, methods, cols, prepare=cross_average)
 
 
-def _tapt_cells(plan: dict[str, Any], cells: list[dict[str, Any]], robust_key: str = "pgd100_acc") -> list[dict[str, Any]]:
-    """TAPT on the few-shot prompts of the training-time method with the best mean robust table figure."""
-    wanted = plan["tapt"].get("method", "best")
-    trained = [c for c in cells if c["protocol"] == "few_shot" and c["method"] != "zeroshot"]
-    if wanted == "best":
-        scores: dict[str, list[float]] = {}
-        for c in trained:
-            scores.setdefault(c["method"], []).append(c["metrics"].get(robust_key) or 0.0)
-        wanted = max(scores, key=lambda k: sum(scores[k]) / len(scores[k]))
-    variants = plan.get("tapt_variants") or {"": {k: v for k, v in plan["tapt"].items() if k != "method"}}
-    return [{**c, "method": f"{wanted}+tapt{suffix}", "key": f"{wanted}+tapt{suffix}-few_shot-s{c['seed']}",
-             "tapt_of": c["key"], "tapt_opts": opts}
-            for suffix, opts in variants.items() for c in trained if c["method"] == wanted]
+def _tapt_search(plan: dict[str, Any], cells: list[dict[str, Any]], robust_key: str, ctx: dict[str, Any],
+                out: Path) -> dict[str, Any] | None:
+    """Run ``tapt.search``'s candidates (pipeline/compare_tapt.py) and return the pick (also tapt_search.json)."""
+    from pipeline.compare_ray import run_cells
+
+    todo = search_cells(plan, cells, robust_key)
+    if not todo:
+        return None
+    chosen = pick(plan["tapt_search"], run_cells(prepare_data(todo, out / "data_subsets"), ctx, plan["settings"]))
+    write_search(out, chosen)
+    log.info("TAPT search picked %s (%s)", chosen["params"], chosen["objective"])
+    return chosen
 
 
 def register(subparsers: Any) -> None:

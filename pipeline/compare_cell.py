@@ -81,6 +81,8 @@ def _tapt_cell(cfg, cell, ctx, work: Path, device) -> dict[str, float]:
     from pipeline.task import load_task
 
     base_cfg, model = load_run(Path(ctx["out"]) / "cells" / cell["tapt_of"], device)
+    if cell["tapt_opts"].get("split"):  # a TAPT search candidate: scored on that split, never on test
+        base_cfg = base_cfg.replace(**{"data.test_split": cell["tapt_opts"]["split"]})
     tcfg, ev_kw, adv_images = tapt_options(cell["tapt_opts"])
     ev = TaptEvalConfig(eps=base_cfg.attack.eps, seed=cell["seed"], **ev_kw)
     task = load_task(base_cfg.data, model.image_size)
@@ -93,4 +95,5 @@ def _tapt_cell(cfg, cell, ctx, work: Path, device) -> dict[str, float]:
     m = evaluate_tapt(model, task.test_x[:n], task.test_y[:n], stats, tcfg, ev, device=device)
     return {"clean_acc": m["tapt_clean_acc"], f"pgd{ev.attack_steps}_acc": m["tapt_robust_acc"],
             "adaptive_robust_acc": m.get("adaptive_robust_acc"), "base_clean_acc_no_tapt": m["clean_acc"],
-            "base_robust_acc_no_tapt": m["robust_acc"], "tapt_images": float(n), "tapt_seconds": time.perf_counter() - t0}
+            "base_robust_acc_no_tapt": m["robust_acc"], "tapt_images": float(n), "tapt_pool_images": float(len(task.test_y)),
+            "tapt_seconds": time.perf_counter() - t0}

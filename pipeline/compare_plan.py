@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.compare_checks import check_specs
+from pipeline.compare_tapt import check_search_split, search_spec
 from pipeline.compare_tuning import tuning_docs
 from pipeline.config import ConfigError, from_dict, read_yaml, set_dotted
 
@@ -57,11 +58,13 @@ def load_compare(path: str | Path, overrides: list[str]) -> dict[str, Any]:
             "tracking": doc.get("tracking") or {}, "source": str(Path(path).resolve()), "doc": doc}
     plan["tuning"] = tuning_docs(plan)  # validated now, before anything runs
     plan["tapt_variants"] = tapt_variants(doc.get("tapt"))
+    plan["tapt_search"] = search_spec(doc.get("tapt"), int((doc.get("tapt") or {}).get("attack_steps", 100)))
+    check_search_split(plan["tapt_search"], cells)
     plan["checks"] = check_specs(doc.get("checks"), plan)
     return plan
 
 
-_TAPT_EVAL = ("attack_steps", "adaptive_steps", "limit")  # evaluation options, not TaptConfig fields
+_TAPT_EVAL = ("attack_steps", "adaptive_steps", "limit", "split")  # evaluation options, not TaptConfig fields
 
 
 def tapt_variants(tapt: dict[str, Any] | None) -> dict[str, dict[str, Any]]:
@@ -72,7 +75,7 @@ def tapt_variants(tapt: dict[str, Any] | None) -> dict[str, dict[str, Any]]:
     """
     if not tapt:
         return {}
-    base = {k: v for k, v in tapt.items() if k not in ("method", "variants")}
+    base = {k: v for k, v in tapt.items() if k not in ("method", "variants", "search")}
     variants = tapt.get("variants") or {}
     if not isinstance(variants, dict):
         raise ConfigError(f"tapt.variants: expected a mapping name -> options, got {variants!r}")

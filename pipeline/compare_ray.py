@@ -43,7 +43,9 @@ def run_cells(cells: list[dict[str, Any]], ctx: dict[str, Any], settings: dict[s
     started = init_ray()
     res = settings.get("resources") or {}
     trainable = tune.with_resources(cell_main, {"cpu": res.get("cpu", 1), "gpu": res.get("gpu", 0)})
-    stage = "tapt" if cells[0].get("tapt_of") else "check" if cells[0].get("check_of") else "train"
+    first = cells[0]
+    stage = ("tapt-search" if "tapt_search" in first else "tapt" if first.get("tapt_of")
+             else "check" if first.get("check_of") else "train")
     tuner = tune.Tuner(
         trainable,
         param_space={"cell": tune.grid_search(cells), "ctx": ctx},

@@ -85,14 +85,14 @@ def test_run_tuning_applies_the_best_values_and_records_them(fake_demo: Path, tm
 
 
 def test_tapt_variants_are_checked_and_become_methods(fake_demo: Path) -> None:
-    from pipeline.compare import _tapt_cells
+    from pipeline.compare_tapt import tapt_cells
 
     plan = load_compare("configs/compare/fashion.yaml", [])
     assert set(plan["tapt_variants"]) == {"", "-official"}
     official = plan["tapt_variants"]["-official"]
     assert official["reset"] == "official" and official["adv_images"] == "clean" and official["views"] == 16
     trained = [{**c, "metrics": {"pgd20_acc": 0.5 if c["method"] == "capt" else 0.1}} for c in plan["cells"]]
-    cells = _tapt_cells(plan, trained, "pgd20_acc")  # the file's table attack: the best by PGD-20
+    cells = tapt_cells(plan, trained, "pgd20_acc")  # the file's table attack: the best by PGD-20
     assert {c["method"] for c in cells} == {"capt+tapt", "capt+tapt-official"} and len(cells) == 10
     assert all(c["tapt_of"].startswith("capt-few_shot-s") for c in cells)
     with pytest.raises(ConfigError, match="tapt variant official: .*reset"):
