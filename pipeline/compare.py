@@ -8,8 +8,10 @@ prompts. Every (method, protocol, seed) cell is one Ray Tune trial (a grid, no s
 MLflow child run; the driver writes ``table.md``, ``table.csv`` and ``summary.json``.
 
 Modules, the dependency running one way: this driver -> :mod:`pipeline.compare_plan` (the file,
-resolved into cells), :mod:`pipeline.compare_ray` (Ray Tune) -> :mod:`pipeline.compare_cell` (one
-trial), and :mod:`pipeline.compare_table` (the table and its statistics).
+resolved into cells), :mod:`pipeline.compare_tuning` (fair tuning), :mod:`pipeline.compare_tapt` (the
+TAPT stage and the search of its settings), :mod:`pipeline.compare_checks` (strong-attack checks),
+:mod:`pipeline.compare_ray` (Ray Tune) -> :mod:`pipeline.compare_cell` (one trial), and
+:mod:`pipeline.compare_table` / :mod:`pipeline.compare_stats` (the table and its statistics).
 """
 
 from __future__ import annotations

@@ -8,12 +8,11 @@ from pathlib import Path
 
 import pytest
 
-from pipeline import demo
 from pipeline.compare import load_compare
 from pipeline.compare_tapt import candidates, pick, search_cells, search_markdown, search_spec, tapt_cells
 from pipeline.config import ConfigError
 
-from .test_fashion import _fake_idx
+from .test_compare_tuning import install_fake_demo
 
 SPACE = {"lr": {"type": "float", "low": 1e-4, "high": 1e-2, "log": True}, "steps": {"type": "int", "low": 1, "high": 3}}
 
@@ -21,15 +20,7 @@ SPACE = {"lr": {"type": "float", "low": 1e-4, "high": 1e-2, "log": True}, "steps
 @pytest.fixture
 def fake_demo(tmp_path: Path, monkeypatch) -> Path:
     """demo:fashion -> a small fake Fashion-MNIST shards folder: 20 test images, 10 `val` ones."""
-    from pipeline.fashion import shards_from_fashion
-
-    _fake_idx(tmp_path / "idx", n_train=40, n_test=20)
-    shards = tmp_path / "fashion"
-    shards_from_fashion(shards, source=tmp_path / "idx", val_per_class=1, progress=False)
-    monkeypatch.setitem(demo.DEMO_DATASETS, "demo:fashion", lambda: shards)
-    monkeypatch.setitem(demo.DEMO_DATASETS, "demo:digits", lambda: shards)
-    monkeypatch.setitem(demo.DEMO_MODELS, "capt-base", lambda: tmp_path / "capt-base.pt")
-    return shards
+    return install_fake_demo(tmp_path, monkeypatch, n_train=40, n_test=20)
 
 
 @pytest.mark.parametrize("search, culprit", [

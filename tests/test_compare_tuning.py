@@ -16,10 +16,15 @@ from .test_fashion import _fake_idx
 
 @pytest.fixture
 def fake_demo(tmp_path: Path, monkeypatch) -> Path:
-    """demo:fashion / demo:digits -> a small fake Fashion-MNIST shards folder (with `val`); capt-base -> a path."""
+    return install_fake_demo(tmp_path, monkeypatch)
+
+
+def install_fake_demo(tmp_path: Path, monkeypatch, n_train: int = 30, n_test: int = 10) -> Path:
+    """demo:fashion / demo:digits -> a small fake Fashion-MNIST shards folder (with `val`: 1 image per
+    class); capt-base -> a path."""
     from pipeline.fashion import shards_from_fashion
 
-    _fake_idx(tmp_path / "idx", n_train=30, n_test=10)
+    _fake_idx(tmp_path / "idx", n_train=n_train, n_test=n_test)
     shards = tmp_path / "fashion"
     shards_from_fashion(shards, source=tmp_path / "idx", val_per_class=1, progress=False)
     monkeypatch.setitem(demo.DEMO_DATASETS, "demo:fashion", lambda: shards)
