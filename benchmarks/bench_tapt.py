@@ -95,7 +95,7 @@ def measure(model: PromptedCLIP, cfg: TaptConfig, images: torch.Tensor, batch_si
     bound = Tapt(model, stats, cfg)  # the floor of any exact TAPT: the no-grad forward of all N views
 
     def views_forward(x: torch.Tensor, idx: range) -> None:
-        bound.select(make_views(x, cfg.views, view_generators(cfg.seed, idx)))
+        bound.select(make_views(x, cfg.views, view_generators(cfg.seed, idx)), bound.initial(len(x)))
 
     seconds = timed(views_forward, images, max(batch_sizes), device, repeats)
     rows.append({"mode": "bound: N views fwd", "batch": max(batch_sizes), "views": cfg.views, "keep": cfg.keep,

@@ -34,6 +34,8 @@ from pipeline.compare_tapt import (
     search_markdown,
     searched_variant,
     tapt_cells,
+    tapt_gains,
+    tapt_gains_markdown,
     write_search,
 )
 from pipeline.compare_tuning import apply_tuned, run_tuning, tuning_notes
@@ -77,8 +79,9 @@ def run_compare(plan: dict[str, Any]) -> dict[str, Any]:
     for name in ("table.md", "table.csv"):
         tracking.log_artifact(uri, parent_id, out / name)
     tracking.finish_run(uri, parent_id)
-    keep = ("method", "protocol", "seed", "metrics", "run_id")
-    summary = {"cells": [{k: c[k] for k in keep} for c in cells], "checks": [{k: c[k] for k in keep} for c in checks],
+    keep = ("method", "protocol", "seed", "metrics", "run_id", "tapt_of")
+    summary = {"cells": [{k: c[k] for k in keep if k in c} for c in cells],
+               "checks": [{k: c[k] for k in keep if k in c} for c in checks],
                "honesty_problems": problems, "paired_comparisons": paired, "tuning": chosen, "tapt_search": searched,
                "wall_seconds": time.perf_counter() - t0,
                "mlflow_ui": tracking.ui_command(uri), "table": str(out / "table.md")}
@@ -100,7 +103,7 @@ def write_table(plan: dict[str, Any], cells: list[dict[str, Any]], checks: list[
                f"with eps) over {len(cells)} cells and {len(checks)} checks: "
                + ("no violation.\n" if not problems else "BROKEN:\n" + "".join(f"- {p}\n" for p in problems)))
     notes = [SPREAD_NOTE + "\n", tuning_notes(chosen["training"]), search_markdown(chosen.get("tapt")),
-             paired_markdown(paired) if paired else "",
+             paired_markdown(paired) if paired else "", tapt_gains_markdown(tapt_gains(cells, attack)),
              checks_markdown(checks), honesty]
     (out / "table.md").write_text(to_markdown(rows, run_link=link, spread="ci95") + "\n"
                                   + "\n".join(n for n in notes if n))
@@ -139,7 +142,9 @@ def _paired(plan: dict[str, Any], cells: list[dict[str, Any]], methods: list[str
     if reference not in methods:
         return []
     cols = [c for c in columns(attack) if c[2] != "train s"]
-    return paired_comparisons(cells, reference, methods, cols, prepare=cross_average)
+    tapt_rows = {c["method"] for c in cells if "tapt_of" in c}  # other images: see tapt_gains
+    return paired_comparisons(cells, reference, [m for m in methods if m not in tapt_rows], cols,
+                              prepare=cross_average)
 
 
 def _tapt_search(plan: dict[str, Any], cells: list[dict[str, Any]], robust_key: str, ctx: dict[str, Any],

@@ -105,12 +105,16 @@ def paired_comparisons(cells: Sequence[dict[str, Any]], reference: str, peers: S
             res = paired_test([ref[s] for s in seeds], [other[s] for s in seeds])
             group.append({"column": title, "protocol": protocol, "metric": key, "reference": reference,
                           "peer": peer, "seeds": seeds, **res})
-        for rec, t_adj, w_adj in zip(group, holm([g["t_p"] for g in group]),
-                                     holm([g["wilcoxon_p"] for g in group]), strict=True):
-            rec.update(t_p_holm=t_adj, wilcoxon_p_holm=w_adj,
-                       significant=bool(math.isfinite(t_adj) and t_adj < alpha))
-        records += group
+        records += adjust(group, alpha)
     return records
+
+
+def adjust(group: list[dict[str, Any]], alpha: float = 0.05) -> list[dict[str, Any]]:
+    """Holm-adjust one column's paired tests (in place) and mark the significant ones; returns ``group``."""
+    for rec, t_adj, w_adj in zip(group, holm([g["t_p"] for g in group]),
+                                 holm([g["wilcoxon_p"] for g in group]), strict=True):
+        rec.update(t_p_holm=t_adj, wilcoxon_p_holm=w_adj, significant=bool(math.isfinite(t_adj) and t_adj < alpha))
+    return group
 
 
 def _pct(v: float) -> str:
@@ -121,13 +125,14 @@ def _p(v: float) -> str:
     return "-" if not math.isfinite(v) else f"{v:.3f}"
 
 
-def paired_markdown(records: Sequence[dict[str, Any]], alpha: float = 0.05) -> str:
-    """The paired comparisons as a markdown table, with the tests named."""
+def paired_markdown(records: Sequence[dict[str, Any]], alpha: float = 0.05, what: str | None = None) -> str:
+    """The paired comparisons as a markdown table, with the tests named (``what``: the first words,
+    by default "<reference> minus each peer on the same seeds")."""
     if not records:
         return "No paired comparisons (the reference method or its peers have no common seeds).\n"
-    ref = records[0]["reference"]
-    lines = [f"Paired comparisons: {ref} minus each peer on the same seeds (percentage points). "
-             f"Primary test: {PRIMARY_TEST}, Holm-adjusted over the peers of each column, "
+    what = what or f"{records[0]['reference']} minus each peer on the same seeds"
+    lines = [f"Paired comparisons: {what} (percentage points). "
+             f"Primary test: {PRIMARY_TEST}, Holm-adjusted over the rows of each column, "
              f"significant at {alpha}; check: {CHECK_TEST} (smallest possible p with n seeds: 2/2^n).",
              "", "| column | peer | n | mean diff | 95% CI | t-test p | Holm p | Wilcoxon p | significant |",
              "|---|---|---|---|---|---|---|---|---|"]

@@ -182,6 +182,45 @@ def search_markdown(chosen: dict[str, Any] | None) -> str:
     return "\n".join(lines) + "\n"
 
 
+def tapt_gains(cells: list[dict[str, Any]], attack: str) -> list[dict[str, Any]]:
+    """Each TAPT row minus the same prompts without TAPT ON THE SAME IMAGES (a TAPT cell reports both),
+    seed by seed: clean, the table attack (transfer) and the adaptive attack. The table's other paired
+    comparisons cannot do this: TAPT rows are scored on the first ``tapt.limit`` test images only."""
+    from pipeline.compare_stats import adjust, paired_test
+    from pipeline.compare_table import attack_title
+
+    rows = [c for c in cells if "tapt_of" in c]
+    cols = (("clean", "clean_acc", "base_clean_acc_no_tapt"),
+            (attack_title(attack), f"{attack}_acc", "base_robust_acc_no_tapt"),
+            ("adaptive (TAPT)", "adaptive_robust_acc", "base_robust_acc_no_tapt"))
+    records = []
+    for title, key, base_key in cols:
+        group = []
+        for method in sorted({c["method"] for c in rows}):
+            pairs = [(c["metrics"].get(key), c["metrics"].get(base_key))
+                     for c in sorted(rows, key=lambda c: str(c["seed"])) if c["method"] == method]
+            pairs = [(a, b) for a, b in pairs if _finite(a) and _finite(b)]
+            if pairs:
+                group.append({"column": title, "peer": method, "reference": "no TAPT", "metric": key,
+                              **paired_test([a for a, _ in pairs], [b for _, b in pairs])})
+        records += adjust(group)
+    return records
+
+
+def tapt_gains_markdown(records: list[dict[str, Any]]) -> str:
+    from pipeline.compare_stats import paired_markdown
+
+    if not records:
+        return ""
+    what = ("each TAPT row (peer) minus the same trained prompts without TAPT, on the same images of each "
+            "seed; adaptive: against the same prompts' transfer accuracy")
+    return paired_markdown(records, what=what)
+
+
+def _finite(v: Any) -> bool:
+    return v is not None and math.isfinite(v)
+
+
 def _fmt_params(params: dict[str, Any]) -> str:
     return ", ".join(f"{k} {v:.3g}" if isinstance(v, float) else f"{k} {v}" for k, v in params.items())
 

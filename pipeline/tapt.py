@@ -191,9 +191,13 @@ class Tapt:
         return {k: p.unsqueeze(0).expand(batch, *p.shape).clone() for k, p in start.items()}
 
     @torch.no_grad()
-    def select(self, views: torch.Tensor) -> torch.Tensor:
-        """Confident views (B, k), chosen with the trained prompts (shared by all images: one pass)."""
+    def select(self, views: torch.Tensor, start: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Confident views (B, k), chosen with the prompts each image starts from (``start``, (B, ...)),
+        as the official code selects with the freshly reset prompts: with ``reset=trained`` that is the
+        model's own prompts (shared by all images: one chunked pass), else a batched pass."""
         b, v = views.shape[:2]
+        if self.cfg.reset != "trained":
+            return select_confident(batched_forward(self.model, start, views.detach())[0], self.cfg.keep)
         flat = views.detach().flatten(0, 1)  # chunks bound the memory of B * V images
         feats = torch.cat([self.model.image_features(c) for c in flat.split(self.select_chunk)])
         logits = scaled_logits(self.model, feats.view(b, v, -1), self.model.text_features())
@@ -204,9 +208,9 @@ class Tapt:
         """Tuned prompts (B, ...) of B images; ``create_graph``: differentiable in ``images``."""
         cfg = self.cfg
         views = make_views(images, cfg.views, gens, scale=cfg.scale, ratio=cfg.ratio)
-        idx = self.select(views)
-        kept = views[torch.arange(len(images), device=idx.device)[:, None], idx]  # (B, k, 3, H, W)
         params = {k: v.requires_grad_(True) for k, v in self.initial(len(images)).items()}
+        idx = self.select(views, {k: v.detach() for k, v in params.items()})
+        kept = views[torch.arange(len(images), device=idx.device)[:, None], idx]  # (B, k, 3, H, W)
         state = adamw_init(params)
         for _ in range(cfg.steps):
             with torch.enable_grad(), _double_backward_attention(create_graph):

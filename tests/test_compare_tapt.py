@@ -137,3 +137,26 @@ compare: {name: mini-tapt, table_attack: pgd10, resources: {cpu: 1, gpu: 0}, max
     assert len(search_runs) == 2  # every candidate is an MLflow child run
     assert all(r.data.metrics["tapt_pool_images"] == 10 and r.data.metrics["tapt_images"] == 2
                for r in search_runs)  # scored on the 10 `val` images, not the 20 test ones
+
+
+def test_tapt_rows_are_compared_with_their_own_prompts_on_their_own_images() -> None:
+    from pipeline.compare import _paired
+    from pipeline.compare_tapt import tapt_gains, tapt_gains_markdown
+
+    def tapt_row(seed: int, robust: float, base_robust: float) -> dict:
+        return {"method": "capt+tapt", "protocol": "few_shot", "seed": seed, "tapt_of": f"capt-few_shot-s{seed}",
+                "metrics": {"clean_acc": 0.7, "base_clean_acc_no_tapt": 0.7, "pgd20_acc": robust,
+                            "adaptive_robust_acc": robust - 0.1, "base_robust_acc_no_tapt": base_robust}}
+
+    rows = [tapt_row(0, 0.5, 0.4), tapt_row(1, 0.45, 0.4), tapt_row(2, 0.6, 0.4)]
+    trained = [{"method": m, "protocol": "few_shot", "seed": s, "metrics": {"clean_acc": 0.9, "pgd20_acc": 0.2}}
+               for m in ("capt", "fap") for s in range(3)]
+    gains = {r["column"]: r for r in tapt_gains(trained + rows, "pgd20")}
+    assert set(gains) == {"clean", "PGD-20", "adaptive (TAPT)"}
+    assert gains["PGD-20"]["mean_diff"] == pytest.approx((0.1 + 0.05 + 0.2) / 3)  # seed by seed, same images
+    assert gains["adaptive (TAPT)"]["mean_diff"] == pytest.approx(gains["PGD-20"]["mean_diff"] - 0.1)
+    assert gains["clean"]["mean_diff"] == 0 and gains["clean"]["t_p"] == 1.0
+    assert "minus the same trained prompts without TAPT" in tapt_gains_markdown(list(gains.values()))
+    plan = {"settings": {"reference": "capt"}}
+    paired = _paired(plan, trained + rows, ["capt", "fap", "capt+tapt"], "pgd20")
+    assert {r["peer"] for r in paired} == {"fap"}  # TAPT rows are on other images: not paired with capt's

@@ -56,11 +56,14 @@ def test_fap_layer0_option_is_validated_and_checked_at_load(tiny_clip):
 
 
 def _trained(tiny_clip, design: str = "ivlp") -> PromptedCLIP:
-    """A model whose prompts moved away from their initial values (as after training)."""
+    """A model whose prompts moved away from their initial values (as after training). The move is random
+    per entry: a constant shift of a token is invisible behind the next LayerNorm, which would make the
+    trained and the initial prompts the same function (and a test comparing their logits vacuous)."""
     model = _model(tiny_clip, design)
+    g = torch.Generator().manual_seed(3)
     with torch.no_grad():
         for p in model.prompts.parameters():
-            p.add_(0.3)
+            p.add_(0.3 * torch.randn(p.shape, generator=g))
     return model
 
 
@@ -68,7 +71,8 @@ def test_initial_values_travel_with_the_checkpoint(tiny_clip):
     model = _trained(tiny_clip)
     state = model.prompt_state()
     assert any(k.startswith(INITIAL) for k in state)
-    torch.testing.assert_close(state[f"{INITIAL}vision.1"] + 0.3, state["vision.1"])
+    torch.testing.assert_close(state[f"{INITIAL}vision.1"], _model(tiny_clip).prompts.initial["vision.1"])
+    assert not torch.equal(state[f"{INITIAL}vision.1"], state["vision.1"])
     fresh = _model(tiny_clip)
     torch.manual_seed(5)
     other = PromptedCLIP(tiny_clip, PromptConfig(design="ivlp", depth=3), CLASSES, TEMPLATES)  # other init
@@ -97,7 +101,7 @@ def test_official_reset_starts_from_trained_context_and_initial_deep_prompts(tin
         bound = cfg.lr * (1 + cfg.weight_decay * start[k].abs()) + 1e-6
         assert ((v - start[k]).abs() <= bound).all(), k
     trained_logits = Tapt(model, None, TaptConfig(views=4, tau=0.5, weight=0))(x, [0, 1]).logits
-    assert not torch.allclose(trained_logits, batched.logits)
+    assert (trained_logits - batched.logits).abs().max() > 1e-3  # far above float noise (~1e-6 here)
 
 
 def test_official_reset_needs_initial_values_and_coupling_maps_stay_trained(tiny_clip):
