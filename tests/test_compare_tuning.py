@@ -44,7 +44,7 @@ def test_fashion_compare_file_resolves(fake_demo: Path) -> None:
     assert b2n["data"]["classes"] == "base" and b2n["data"]["cross_datasets"] == []
     docs = plan["tuning"]
     assert set(docs) == methods - {"zeroshot"}  # nothing to tune without training
-    assert {d["search"]["num_samples"] for d in docs.values()} == {4}  # the same budget for every method
+    assert {d["search"]["num_samples"] for d in docs.values()} == {8}  # the same budget for every method
     assert set(docs["capt"]["space"]) == {"optim.lr", "loss.lam"} and set(docs["apt"]["space"]) == {"optim.lr"}
     base = docs["capt"]["base"]
     assert base["data"]["test_split"] == "val" and base["run"]["seed"] == 100 and base["data"]["seed"] == 100
