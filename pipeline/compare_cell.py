@@ -73,11 +73,10 @@ def _train_cell(cfg, run, work: Path, device, report) -> dict[str, float]:
 
 def _tapt_cell(cfg, cell, ctx, work: Path, device) -> dict[str, float]:
     """TAPT on a trained cell's prompts: the paper protocol (PGD-100 transfer) and the adaptive attack."""
-    from pipeline.attacks import build_attack
     from pipeline.compare_plan import tapt_options
     from pipeline.runs import load_run
     from pipeline.tapt import TaptEvalConfig, evaluate_tapt
-    from pipeline.tapt_stats import compute_stats, resolve_layers
+    from pipeline.tapt_stats import resolve_layers
     from pipeline.task import load_task
 
     base_cfg, model = load_run(Path(ctx["out"]) / "cells" / cell["tapt_of"], device)
@@ -88,12 +87,28 @@ def _tapt_cell(cfg, cell, ctx, work: Path, device) -> dict[str, float]:
     task = load_task(base_cfg.data, model.image_size)
     n = cell["tapt_opts"].get("limit") or len(task.test_y)  # TAPT costs ~100x a forward pass per image
     layers = resolve_layers(tcfg.layers, model.n_vision_layers)
-    attack = build_attack("pgd", eps=base_cfg.attack.eps_px, steps=10, module=model, keep_best=False)
-    stats = compute_stats(model, task.train_x, task.train_y, layers, attack=attack, device=device,
-                          adv_images=adv_images)
+    stats = tapt_stats(model, task, base_cfg.attack.eps_px, layers, adv_images,
+                       Path(ctx["out"]) / "cells" / cell["tapt_of"], device)
     t0 = time.perf_counter()
     m = evaluate_tapt(model, task.test_x[:n], task.test_y[:n], stats, tcfg, ev, device=device)
     return {"clean_acc": m["tapt_clean_acc"], f"pgd{ev.attack_steps}_acc": m["tapt_robust_acc"],
             "adaptive_robust_acc": m.get("adaptive_robust_acc"), "base_clean_acc_no_tapt": m["clean_acc"],
             "base_robust_acc_no_tapt": m["robust_acc"], "tapt_images": float(n), "tapt_pool_images": float(len(task.test_y)),
             "tapt_seconds": time.perf_counter() - t0}
+
+
+def tapt_stats(model, task, eps_px: float, layers, adv_images: str, run_dir: Path, device):
+    """TAPT's reference statistics of one trained cell's prompts on its few-shot train images, computed
+    once per (adv_images, layers) and kept in the cell's folder: every TAPT row and search candidate on
+    those prompts reads them instead of attacking the train split again."""
+    from pipeline.attacks import build_attack
+    from pipeline.tapt_stats import compute_stats, load_stats, save_stats
+
+    path = run_dir / f"tapt-stats-{adv_images}-l{'_'.join(str(i) for i in layers)}.pt"
+    if path.is_file():
+        return load_stats(path)
+    attack = build_attack("pgd", eps=eps_px, steps=10, module=model, keep_best=False)
+    stats = compute_stats(model, task.train_x, task.train_y, layers, attack=attack, device=device,
+                          adv_images=adv_images)
+    save_stats(path, stats)  # atomic: two trials computing it at once both write a whole file
+    return stats

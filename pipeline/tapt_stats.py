@@ -33,6 +33,7 @@ float64 batch by batch, so no tokens are held beyond one batch. Files are writte
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -357,7 +358,7 @@ def save_stats(path: str | Path, stats: TaptStats) -> Path:
     doc = {"layers": torch.tensor(stats.layers, dtype=torch.long), "n_images": torch.tensor(stats.n_images),
            "adv_mean": torch.stack(stats.adv_mean), "adv_var": torch.stack(stats.adv_var),
            "clean_mean": torch.stack(stats.clean_mean), "clean_var": torch.stack(stats.clean_var)}
-    tmp = p.with_name(p.name + ".tmp")
+    tmp = p.with_name(f"{p.name}.{os.getpid()}.tmp")  # one per writer: concurrent trials may write the same file
     torch.save(doc, tmp)
     tmp.replace(p)
     return p

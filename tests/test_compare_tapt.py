@@ -124,6 +124,7 @@ compare: {name: mini-tapt, table_attack: pgd10, resources: {cpu: 1, gpu: 0}, max
     assert set(rows) == {"capt", "capt+tapt", "capt+tapt-searched"}
     for method in ("capt+tapt", "capt+tapt-searched"):
         assert rows[method]["tapt_images"] == 3 and rows[method]["tapt_pool_images"] == 20  # the test split
+    assert [p.name for p in (out / "cells" / "capt-few_shot-s0").glob("tapt-stats-*.pt")] == ["tapt-stats-pgd-l0_1.pt"]
     chosen = summary["tapt_search"]
     assert len(chosen["candidates"]) == 2 and chosen["candidates"][0]["params"] == {"lr": 5e-4}
     assert chosen == json.loads((out / "tapt_search.json").read_text())
@@ -160,3 +161,28 @@ def test_tapt_rows_are_compared_with_their_own_prompts_on_their_own_images() -> 
     plan = {"settings": {"reference": "capt"}}
     paired = _paired(plan, trained + rows, ["capt", "fap", "capt+tapt"], "pgd20")
     assert {r["peer"] for r in paired} == {"fap"}  # TAPT rows are on other images: not paired with capt's
+
+
+def test_tapt_statistics_are_computed_once_per_trained_cell(tmp_path: Path, monkeypatch) -> None:
+    import torch
+
+    import pipeline.attacks as attacks
+    import pipeline.tapt_stats as ts
+    from pipeline.compare_cell import tapt_stats
+
+    calls = []
+
+    def fake_compute(model, x, y, layers, *, attack, device, adv_images):
+        calls.append(adv_images)
+        t = [torch.full((3, 4), float(len(calls))) for _ in layers]
+        return ts.TaptStats(tuple(layers), t, t, t, t, n_images=len(y))
+
+    monkeypatch.setattr(ts, "compute_stats", fake_compute)
+    monkeypatch.setattr(attacks, "build_attack", lambda *a, **k: None)
+    task = type("T", (), {"train_x": torch.zeros(2), "train_y": torch.zeros(2)})()
+    first = tapt_stats(None, task, 2.0, (0, 1), "pgd", tmp_path, "cpu")
+    again = tapt_stats(None, task, 2.0, (0, 1), "pgd", tmp_path, "cpu")  # read back, not recomputed
+    clean = tapt_stats(None, task, 2.0, (0, 1), "clean", tmp_path, "cpu")  # other images: computed
+    assert calls == ["pgd", "clean"] and torch.equal(again.adv_mean[0], first.adv_mean[0])
+    assert clean.adv_mean[0][0, 0] == 2.0 and sorted(p.name for p in tmp_path.iterdir()) == [
+        "tapt-stats-clean-l0_1.pt", "tapt-stats-pgd-l0_1.pt"]
