@@ -158,7 +158,10 @@ def pick(spec: dict[str, Any], scored: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def searched_variant(plan: dict[str, Any], chosen: dict[str, Any]) -> dict[str, dict[str, Any]]:
-    """``{"-searched": options}``: the section's options with the chosen values."""
+    """``{"-searched": options}``: the section's options with the chosen values; empty when the search
+    kept the published settings (candidate 0), whose rows are the ``+tapt`` ones already (not run twice)."""
+    if chosen["candidate"] == 0:
+        return {}
     return {SEARCHED: {**_base_options(plan["tapt"]), **chosen["params"]}}
 
 
@@ -175,7 +178,9 @@ def search_markdown(chosen: dict[str, Any] | None) -> str:
     lines = [f"TAPT settings searched ({len(chosen['candidates'])} candidates, candidate 0 = the published ones; "
              f"scored by {obj} on the first {chosen['images']} `{chosen['split']}` images with the prompts of "
              f"{chosen['prompts_of']}; no test image): picked candidate {chosen['candidate']}, "
-             f"{_fmt_params(chosen['params'])} (rows `{SEARCHED[1:]}`).", "",
+             f"{_fmt_params(chosen['params'])} "
+             + (f"(rows `{SEARCHED[1:]}`)." if chosen["candidate"] else "(the published settings: rows `+tapt`)."),
+             "",
              f"| candidate | settings | {obj} | clean |", "|---|---|---|---|"]
     for r in chosen["candidates"]:
         lines.append(f"| {r['candidate']} | {_fmt_params(r['params'])} | {_pct(r.get(obj))} | {_pct(r.get('clean_acc'))} |")

@@ -196,8 +196,11 @@ class Tapt:
         as the official code selects with the freshly reset prompts: with ``reset=trained`` that is the
         model's own prompts (shared by all images: one chunked pass), else a batched pass."""
         b, v = views.shape[:2]
-        if self.cfg.reset != "trained":
-            return select_confident(batched_forward(self.model, start, views.detach())[0], self.cfg.keep)
+        if self.cfg.reset != "trained":  # chunks of images: select_chunk views per forward at most
+            step = max(1, self.select_chunk // v)
+            logits = torch.cat([batched_forward(self.model, {k: p[i:i + step] for k, p in start.items()},
+                                                views[i:i + step].detach())[0] for i in range(0, b, step)])
+            return select_confident(logits, self.cfg.keep)
         flat = views.detach().flatten(0, 1)  # chunks bound the memory of B * V images
         feats = torch.cat([self.model.image_features(c) for c in flat.split(self.select_chunk)])
         logits = scaled_logits(self.model, feats.view(b, v, -1), self.model.text_features())

@@ -9,7 +9,15 @@ from pathlib import Path
 import pytest
 
 from pipeline.compare import load_compare
-from pipeline.compare_tapt import candidates, pick, search_cells, search_markdown, search_spec, tapt_cells
+from pipeline.compare_tapt import (
+    candidates,
+    pick,
+    search_cells,
+    search_markdown,
+    search_spec,
+    searched_variant,
+    tapt_cells,
+)
 from pipeline.config import ConfigError
 
 from .test_compare_tuning import install_fake_demo
@@ -84,6 +92,11 @@ def test_search_cells_tune_one_seeds_prompts_on_the_search_split(fake_demo: Path
     assert len(cells) == spec["num_samples"] and {c["tapt_of"] for c in cells} == {"fap-few_shot-s0"}
     assert all(c["tapt_opts"]["split"] == "val" and c["config"]["data"]["test_split"] == "val" for c in cells)
     assert cells[0]["tapt_opts"]["lr"] == 5e-4 and "search" not in cells[0]["tapt_opts"]  # published
+    kept = {"candidate": 0, "params": {"lr": 5e-4, "steps": 1}}
+    assert searched_variant(plan, kept) == {}  # the published settings won: their rows are `+tapt` already
+    assert searched_variant(plan, {"candidate": 2, "params": {"lr": 0.003, "steps": 2}})["-searched"]["lr"] == 0.003
+    assert "(the published settings: rows `+tapt`)" in search_markdown({**kept, "objective": "clean_acc",
+        "images": 4, "split": "val", "prompts_of": "x", "candidates": []})
     rows = tapt_cells(plan, trained, "pgd20_acc", {"-searched": {**cells[0]["tapt_opts"], "lr": 0.003}})
     assert {c["method"] for c in rows} == {"fap+tapt", "fap+tapt-official", "fap+tapt-searched"} and len(rows) == 15
     assert all("split" not in c["tapt_opts"] or c["tapt_opts"]["split"] == "val" for c in rows)
@@ -117,6 +130,16 @@ tapt:
            space: {lr: {type: float, low: 0.001, high: 0.1, log: true}}}
 compare: {name: mini-tapt, table_attack: pgd10, resources: {cpu: 1, gpu: 0}, max_concurrent: 2}
 """)
+    import pipeline.compare as compare
+
+    real_pick = compare.pick  # both candidates run; candidate 1's score is raised so that its rows run
+
+    def favour_1(spec, scored):
+        key = spec["objective"]
+        return real_pick(spec, [{**c, "metrics": {**c["metrics"], key: c["metrics"][key] + (c["tapt_search"] == 1)}}
+                                for c in scored])
+
+    monkeypatch.setattr(compare, "pick", favour_1)
     out = tmp_path / "out"
     assert main(["compare", "--config", str(f), "--out", str(out)]) == 0
     summary = json.loads((out / "summary.json").read_text())
@@ -126,6 +149,7 @@ compare: {name: mini-tapt, table_attack: pgd10, resources: {cpu: 1, gpu: 0}, max
         assert rows[method]["tapt_images"] == 3 and rows[method]["tapt_pool_images"] == 20  # the test split
     assert [p.name for p in (out / "cells" / "capt-few_shot-s0").glob("tapt-stats-*.pt")] == ["tapt-stats-pgd-l0_1.pt"]
     chosen = summary["tapt_search"]
+    assert chosen["candidate"] == 1 and chosen["params"]["lr"] != 5e-4
     assert len(chosen["candidates"]) == 2 and chosen["candidates"][0]["params"] == {"lr": 5e-4}
     assert chosen == json.loads((out / "tapt_search.json").read_text())
     table = (out / "table.md").read_text()

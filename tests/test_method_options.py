@@ -97,6 +97,9 @@ def test_official_reset_starts_from_trained_context_and_initial_deep_prompts(tin
     x = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(7))
     batched, seq = Tapt(model, None, cfg)(x, [0, 1]), tune_sequential(model, x, None, cfg, [0, 1])
     torch.testing.assert_close(batched.logits, seq.logits, rtol=1e-4, atol=1e-4)
+    chunked = Tapt(model, None, cfg)
+    chunked.select_chunk = cfg.views  # view selection one image per forward: the same views
+    torch.testing.assert_close(chunked(x, [0, 1]).logits, batched.logits)
     for k, v in batched.prompts.items():  # one AdamW step from the official start, not from the trained one
         bound = cfg.lr * (1 + cfg.weight_decay * start[k].abs()) + 1e-6
         assert ((v - start[k]).abs() <= bound).all(), k
